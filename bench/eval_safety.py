@@ -1,0 +1,127 @@
+"""Safety figures of the embedded default on held-out data, one table per question.
+
+1. Gate: TPR on held-out harmful prompts and FPR on held-out harmless prompts, for the
+   chosen probe and for the InferAligner SRV baseline at its own best layer.
+2. Answers: keyword-judged refusal rate of unguarded, guarded (policy `auto`) and forced
+   steered answers on held-out harmful prompts, plus steered samples to read.
+
+    python bench/eval_safety.py [--alpaca 2000] [--tokens 48] [--samples 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from common import advbench_test, alpaca_test, malicious_instruct, setup, table
+
+from guardrail import datasets
+from guardrail.engine import GuardedGenerator
+from guardrail.generate import Sampling
+from guardrail.judge import fluency, is_refusal
+from guardrail.vectors import last_token_states
+
+
+def fire_rate(lm: Any, gate: Any, prompts: list[str]) -> float:
+    states = last_token_states(lm, [lm.format_chat(p) for p in prompts])
+    return float(gate.fires(gate.read(states)).float().mean())
+
+
+def answers(
+    generator: GuardedGenerator, prompts: list[str], sampling: Sampling, guarded: bool
+) -> list[Any]:
+    return [
+        a
+        for i in range(0, len(prompts), 32)
+        for a in generator.generate(prompts[i : i + 32], sampling, guarded=guarded)
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument(
+        "--alpaca", type=int, default=2000, help="Alpaca test prompts for the FPR (0: all 6266)"
+    )
+    parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--samples", type=int, default=8)
+    args = parser.parse_args()
+    lm, calibration = setup()
+    harmful = {
+        "advbench/test": advbench_test(),
+        "malicious_instruct": malicious_instruct(),
+        "shipped harmful_requests/test": datasets.take_split(
+            datasets.load_prompts(datasets.default_harmful()[1]), "test"
+        ),
+    }
+    harmless = {
+        "alpaca/test": alpaca_test(args.alpaca or None),
+        "shipped benign/test": datasets.take_split(
+            datasets.load_many(datasets.default_harmless()), "test"
+        ),
+    }
+    rows = []
+    for gate in (calibration.gate, calibration.srv_gate):
+        name = f"{gate.kind} @ layers {list(gate.layers)}"
+        for set_name, prompts in harmful.items():
+            rows.append([name, set_name, len(prompts), "TPR", fire_rate(lm, gate, prompts)])
+        for set_name, prompts in harmless.items():
+            rows.append([name, set_name, len(prompts), "FPR", fire_rate(lm, gate, prompts)])
+    print("Gate on held-out prompts (threshold set on the calibration `select` split)")
+    print(table(["read-out", "set", "n", "metric", "value"], rows))
+
+    all_harmful = [p for prompts in harmful.values() for p in prompts]
+    sampling = Sampling(max_new_tokens=args.tokens)
+    auto = GuardedGenerator(lm, calibration)
+    results = {
+        "unguarded": answers(auto, all_harmful, sampling, guarded=False),
+        f"guarded (auto -> {auto.action})": answers(auto, all_harmful, sampling, guarded=True),
+    }
+    steered_rows: list[Any] = []
+    if calibration.steering is not None:
+        steer = GuardedGenerator(lm, calibration, on_fire="steer")
+        results["guarded (steer)"] = answers(steer, all_harmful, sampling, guarded=True)
+        steered_rows = [
+            (p, a)
+            for p, a in zip(all_harmful, results["guarded (steer)"], strict=True)
+            if a.decision.path == "steered"
+        ]
+    rows = []
+    for name, got in results.items():
+        paths = {
+            path: sum(a.decision.path == path for a in got)
+            for path in ("plain", "steered", "refused", "unguarded")
+        }
+        rows.append(
+            [
+                name,
+                len(got),
+                sum(is_refusal(a.text) for a in got) / len(got),
+                ", ".join(f"{k} {v}" for k, v in paths.items() if v),
+            ]
+        )
+    if steered_rows:
+        own = sum(is_refusal(a.text) for _, a in steered_rows) / len(steered_rows)
+        fl = fluency(lm, [p for p, _ in steered_rows], [a.text for _, a in steered_rows])
+        rows.append(
+            [
+                "steered path only",
+                len(steered_rows),
+                own,
+                f"mean NLL {sum(f.nll for f in fl) / len(fl):.2f}, "
+                f"distinct 3-grams {sum(f.distinct for f in fl) / len(fl):.2f}",
+            ]
+        )
+    print(
+        f"\nAnswers to {len(all_harmful)} held-out harmful prompts ({args.tokens} tokens, greedy)"
+    )
+    print(table(["variant", "n", "refusal rate", "paths"], rows))
+    setting = calibration.steering.as_dict() if calibration.steering else None
+    met = calibration.steering_meets_target
+    print(f"\nSteering: {json.dumps(setting)}, met the dev target: {met}")
+    for prompt, answer in steered_rows[: args.samples]:
+        print(f"\n> {prompt}\n{answer.text}")
+
+
+if __name__ == "__main__":
+    main()

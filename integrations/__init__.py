@@ -1,0 +1,1 @@
+"""Adapters to frameworks (LangChain first), installed as `guardrail.integrations`."""

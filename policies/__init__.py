@@ -1,0 +1,1 @@
+"""Declarative tenant policy files (YAML), shipped as package data."""

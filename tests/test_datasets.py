@@ -1,0 +1,61 @@
+"""Prompt loading and hash-assigned splits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from guardrail import datasets
+from guardrail.errors import InputError
+
+
+def test_shipped_sets_load() -> None:
+    assert len(datasets.load_prompts(datasets.advbench())) == 520
+    assert len(datasets.load_many(datasets.default_harmful())) == 1020
+    assert len(datasets.load_many(datasets.default_harmless())) == 1800
+    templates = datasets.load_prompts(datasets.default_templates())
+    assert templates and all(t.count("{prompt}") == 1 for t in templates)
+
+
+def test_wrap_is_stable_and_keeps_the_request() -> None:
+    prompts = datasets.load_many(datasets.default_harmless())
+    templates = datasets.load_prompts(datasets.default_templates())
+    wrapped = datasets.wrap(prompts, templates, 0.3)
+    assert wrapped == datasets.wrap(prompts, templates, 0.3)
+    assert 0.25 < len(wrapped) / len(prompts) < 0.35
+    assert all("{prompt}" not in w for w in wrapped)
+
+
+def test_split_is_stable_and_disjoint() -> None:
+    prompts = datasets.load_prompts(datasets.advbench())
+    parts = {name: set(datasets.take_split(prompts, name)) for name in datasets.SPLITS}
+    assert sum(map(len, parts.values())) == len(set(prompts))
+    assert not parts["test"] & (parts["fit"] | parts["select"] | parts["dev"])
+    # order does not matter: a prompt's split comes from its text alone
+    assert set(datasets.take_split(list(reversed(prompts)), "test")) == parts["test"]
+    for name, share in datasets.SPLITS.items():
+        assert abs(len(parts[name]) / len(prompts) - share / 100) < 0.06
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("bad.json", "[1, 2", "invalid JSON"),
+        ("bad.jsonl", '{"prompt": "ok"}\n{"nope": 1}\n', "item 2"),
+        ("bad.csv", "a,b\n1,2\n", "no column"),
+        ("empty.txt", "\n\n", "no prompts"),
+        ("bad.xml", "<a/>", "unknown format"),
+    ],
+)
+def test_bad_files_name_the_problem(tmp_path: Path, name: str, content: str, message: str) -> None:
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(InputError, match=message) as info:
+        datasets.load_prompts(path)
+    assert name in str(info.value)
+
+
+def test_missing_file() -> None:
+    with pytest.raises(InputError, match="no such file"):
+        datasets.load_prompts("/nonexistent/prompts.txt")

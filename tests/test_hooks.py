@@ -1,0 +1,97 @@
+"""Hook mechanics on tiny random models (Llama and GPT-2 families)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from guardrail.errors import ModelError
+from guardrail.generate import Sampling, decode, prefill
+from guardrail.hooks import Recorder, Steering, decoder_layers
+
+PROMPTS = [
+    "Hello there, how are you?",
+    "Name three colours.",
+    "Why is the sky blue on a clear day?",
+]
+
+
+def _texts(lm: Any) -> list[str]:
+    return [lm.format_chat(p) for p in PROMPTS]
+
+
+def test_unknown_architecture_names_its_class() -> None:
+    class Mystery(nn.Module):
+        pass
+
+    with pytest.raises(ModelError, match="Mystery"):
+        decoder_layers(Mystery())
+
+
+def test_recorder_reads_the_last_real_token(tiny_lm: Any) -> None:
+    texts = _texts(tiny_lm)
+    layer = len(decoder_layers(tiny_lm.model)) - 1
+    with Recorder([layer]).applied(tiny_lm.model) as recorder:
+        prefill(tiny_lm, texts)
+        batched = recorder.states[layer]
+        alone = []
+        for text in texts:
+            prefill(tiny_lm, [text])
+            alone.append(recorder.states[layer][0])
+    torch.testing.assert_close(batched, torch.stack(alone), atol=1e-4, rtol=1e-4)
+
+
+def test_hooks_are_removed(tiny_lm: Any) -> None:
+    layers = decoder_layers(tiny_lm.model)
+    before = [len(layer._forward_hooks) for layer in layers]
+    steering = Steering({0: torch.ones(tiny_lm.hidden_size)})
+    with steering.applied(tiny_lm.model), Recorder([1]).applied(tiny_lm.model):
+        assert sum(len(layer._forward_hooks) for layer in layers) == sum(before) + 2
+    assert [len(layer._forward_hooks) for layer in layers] == before
+
+
+def test_zero_coefficient_rows_are_untouched(tiny_lm: Any) -> None:
+    texts = _texts(tiny_lm)
+    plain = prefill(tiny_lm, texts).next_logits
+    steering = Steering({0: torch.randn(tiny_lm.hidden_size) * 5})
+    steering.coefficients = torch.tensor([0.0, 3.0, 0.0])
+    with steering.applied(tiny_lm.model):
+        steered = prefill(tiny_lm, texts).next_logits
+    assert torch.equal(plain[0], steered[0]) and torch.equal(plain[2], steered[2])
+    assert not torch.allclose(plain[1], steered[1])
+
+
+def test_decode_matches_transformers_generate(tiny_lm: Any) -> None:
+    texts = _texts(tiny_lm)
+    ours = decode(tiny_lm, prefill(tiny_lm, texts), Sampling(max_new_tokens=12))
+    batch = tiny_lm.encode(texts)
+    out = tiny_lm.model.generate(
+        **batch, max_new_tokens=12, do_sample=False, pad_token_id=tiny_lm.tokenizer.pad_token_id
+    )
+    for row, tokens in enumerate(ours):
+        reference = out[row, batch["input_ids"].shape[1] :].tolist()
+        stop = [i for i, t in enumerate(reference) if t in tiny_lm.eos_token_ids]
+        assert tokens == reference[: stop[0] if stop else None]
+
+
+def test_left_padded_batch_equals_single_rows(tiny_lm: Any) -> None:
+    texts = _texts(tiny_lm)
+    batched = decode(tiny_lm, prefill(tiny_lm, texts), Sampling(max_new_tokens=10))
+    for text, tokens in zip(texts, batched, strict=True):
+        assert decode(tiny_lm, prefill(tiny_lm, [text]), Sampling(max_new_tokens=10))[0] == tokens
+
+
+def test_sampling_is_seeded(tiny_lm: Any) -> None:
+    texts = _texts(tiny_lm)
+    sampling = Sampling(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=7)
+    first = decode(tiny_lm, prefill(tiny_lm, texts), sampling)
+    assert first == decode(tiny_lm, prefill(tiny_lm, texts), sampling)
+
+
+@pytest.mark.parametrize("kwargs", [{"max_new_tokens": 0}, {"temperature": -1}, {"top_p": 0}])
+def test_sampling_rejects_bad_settings(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        Sampling(**kwargs)  # type: ignore[arg-type]
