@@ -23,9 +23,8 @@ from guardrail.judge import fluency, is_refusal
 from guardrail.vectors import last_token_states
 
 
-def fire_rate(lm: Any, gate: Any, prompts: list[str]) -> float:
-    states = last_token_states(lm, [lm.format_chat(p) for p in prompts])
-    return float(gate.fires(gate.read(states)).float().mean())
+def states(lm: Any, prompts: list[str]) -> Any:
+    return last_token_states(lm, [lm.format_chat(p) for p in prompts])
 
 
 def answers(
@@ -60,13 +59,15 @@ def main() -> None:
             datasets.load_many(datasets.default_harmless()), "test"
         ),
     }
+    read = {name: states(lm, prompts) for name, prompts in {**harmful, **harmless}.items()}
     rows = []
     for gate in (calibration.gate, calibration.srv_gate):
-        name = f"{gate.kind} @ layers {list(gate.layers)}"
-        for set_name, prompts in harmful.items():
-            rows.append([name, set_name, len(prompts), "TPR", fire_rate(lm, gate, prompts)])
-        for set_name, prompts in harmless.items():
-            rows.append([name, set_name, len(prompts), "FPR", fire_rate(lm, gate, prompts)])
+        for set_name, acts in read.items():
+            metric = "TPR" if set_name in harmful else "FPR"
+            rate = float(gate.fires(gate.read(acts)).float().mean())
+            rows.append(
+                [f"{gate.kind} @ layers {list(gate.layers)}", set_name, len(acts), metric, rate]
+            )
     print("Gate on held-out prompts (threshold set on the calibration `select` split)")
     print(table(["read-out", "set", "n", "metric", "value"], rows))
 

@@ -49,20 +49,21 @@ class CalibrationConfig:
     augment: float = 0.3
     target_fpr: float = 0.01
     probe_l2: Sequence[float] = (1e-2, 1e-1)
-    probe_window: Sequence[int] = (-4, 0, 4)  # layer offsets read by the probe, around a centre
+    # Layer offsets around a centre layer that one probe reads; every window is tried.
+    probe_windows: Sequence[Sequence[int]] = ((-4, 0, 4), (-8, -4, 0, 4, 8))
     aligned_model: str | None = None  # a safety-aligned model of the same hidden size
     # Steering search: layers as fractions of depth, strengths as fractions of the mean
     # residual norm at that layer (norms grow ~7x through SmolLM2, so absolute units mislead).
     layer_fractions: Sequence[float] = (0.25, 0.4, 0.55)
-    strength_fractions: Sequence[float] = (0.25, 0.5, 0.75, 1.0)
+    strength_fractions: Sequence[float] = (0.25, 0.375, 0.5, 0.75)
     refusal_target: float = 0.95
-    dev_harmful: int = 32
-    dev_benign: int = 16
-    dev_max_new_tokens: int = 32
+    dev_harmful: int = 24
+    dev_benign: int = 8
+    dev_max_new_tokens: int = 24
     # Fluency: a steered response is fluent when its mean token NLL under the unsteered model
     # stays below `max_nll` and at least `min_distinct` of its 3-grams are distinct.
-    max_nll: float = 4.0
-    min_distinct: float = 0.6
+    max_nll: float = 2.5
+    min_distinct: float = 0.75
     min_fluent_rate: float = 0.9
     batch_size: int = 32
 
@@ -163,7 +164,7 @@ def _choose_gate(
 ) -> tuple[Gate, Gate, dict[str, list[dict[str, Any]]]]:
     """Fit read-outs on `fit`, set thresholds and pick layers on `select`.
 
-    Probe: one per window of layers (centre + `probe_window` offsets) and L2 strength.
+    Probe: one per window of layers (a centre plus offsets) and L2 strength.
     SRV baseline: InferAligner's unit SRV at each single layer.
     """
     fit_h, fit_b = acts["harmful", "fit"], acts["harmless", "fit"]
@@ -186,10 +187,13 @@ def _choose_gate(
         measured(Gate((layer,), srvs[layer] / srvs[layer].norm().clamp(min=1e-8), 0.0, 0.0, "srv"))
         for layer in range(n_layers)
     ]
-    low, high = min(config.probe_window), max(config.probe_window)
+    windows = [
+        tuple(centre + offset for offset in window)
+        for window in config.probe_windows
+        for centre in range(-min(window), n_layers - max(window), 2)
+    ]
     probe_rows = []
-    for centre in range(max(0, -low), n_layers - max(0, high), 2):
-        layers = tuple(centre + offset for offset in config.probe_window)
+    for layers in windows:
         for l2 in config.probe_l2:
             weight, bias = fit_probe(
                 fit_h[:, list(layers)].flatten(1), fit_b[:, list(layers)].flatten(1), l2=l2

@@ -216,7 +216,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             print(answer.text)
     elif args.command == "calibrate":
         generator = _generator(args)
-        manifest = generator.calibration.manifest
+        manifest = generator.calibration.to_artifacts().manifest
         print(
             json.dumps(
                 {k: manifest[k] for k in ("gate", "srv_gate", "steering", "steering_meets_target")},

@@ -34,7 +34,7 @@ def embedded_model_dir() -> Path:
     from guardrail.model import cache_root
 
     target = cache_root() / "models" / "smollm2-135m-instruct"
-    if (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file():
+    if _complete(target):
         return target
     source = gguf_path()
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -49,9 +49,15 @@ def embedded_model_dir() -> Path:
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if target.exists():  # another process finished first, or a broken earlier copy
-            shutil.rmtree(target)
-        staging.rename(target)
+        if not _complete(target):  # else another process finished first: keep its copy
+            shutil.rmtree(target, ignore_errors=True)  # a broken earlier copy
+            staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _complete(folder: Path) -> bool:
+    return all(
+        (folder / name).is_file() for name in ("config.json", "model.safetensors", "tokenizer.json")
+    )

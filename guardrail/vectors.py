@@ -41,12 +41,17 @@ def num_layers(lm: LanguageModel) -> int:
 def last_token_states(
     lm: LanguageModel, texts: Sequence[str], *, batch_size: int = 32, desc: str | None = None
 ) -> torch.Tensor:
-    """Hidden state of each text's last token at every layer: [texts, layers, hidden]."""
+    """Hidden state of each text's last token at every layer: [texts, layers, hidden].
+
+    Texts are batched by length (less padding, same results), and returned in input order.
+    """
     recorder = Recorder(range(num_layers(lm)))
-    chunks = []
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = torch.empty(len(texts), len(recorder.layers), lm.hidden_size)
     with recorder.applied(lm.model):
         for start in tqdm(range(0, len(texts), batch_size), desc=desc, disable=desc is None):
-            batch = lm.encode(texts[start : start + batch_size])
+            rows = order[start : start + batch_size]
+            batch = lm.encode([texts[i] for i in rows])
             mask = batch["attention_mask"]
             lm.model(
                 input_ids=batch["input_ids"],
@@ -55,8 +60,8 @@ def last_token_states(
                 use_cache=False,
                 logits_to_keep=1,
             )
-            chunks.append(torch.stack([recorder.states[i] for i in recorder.layers], dim=1))
-    return torch.cat(chunks).float().cpu()
+            out[rows] = torch.stack([recorder.states[i] for i in recorder.layers], 1).float().cpu()
+    return out
 
 
 def safety_related_vectors(harmful: torch.Tensor, harmless: torch.Tensor) -> torch.Tensor:

@@ -95,3 +95,13 @@ def test_sampling_is_seeded(tiny_lm: Any) -> None:
 def test_sampling_rejects_bad_settings(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         Sampling(**kwargs)  # type: ignore[arg-type]
+
+
+def test_last_token_states_keep_input_order(tiny_lm: Any) -> None:
+    from guardrail.vectors import last_token_states
+
+    texts = [*_texts(tiny_lm), tiny_lm.format_chat("A much longer prompt " * 6)]
+    together = last_token_states(tiny_lm, texts, batch_size=2)
+    for row, text in enumerate(texts):
+        alone = last_token_states(tiny_lm, [text])[0]
+        torch.testing.assert_close(together[row], alone, atol=1e-4, rtol=1e-4)
