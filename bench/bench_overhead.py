@@ -14,7 +14,6 @@ import statistics
 import time
 
 from common import advbench_test, alpaca_test, setup, table
-
 from guardrail.engine import GuardedGenerator
 from guardrail.generate import Sampling
 

@@ -15,7 +15,6 @@ import json
 from typing import Any
 
 from common import advbench_test, alpaca_test, malicious_instruct, setup, table
-
 from guardrail import datasets
 from guardrail.engine import GuardedGenerator
 from guardrail.generate import Sampling

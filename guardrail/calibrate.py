@@ -191,7 +191,7 @@ def _choose_gate(
         tuple(centre + offset for offset in window)
         for window in config.probe_windows
         for centre in range(-min(window), n_layers - max(window), 2)
-    ]
+    ] or [(layer,) for layer in range(n_layers)]  # shallow models: one layer per probe
     probe_rows = []
     for layers in windows:
         for l2 in config.probe_l2:
@@ -251,9 +251,9 @@ def _choose_steering(
 ) -> tuple[SteeringSetting | None, bool, list[dict[str, Any]]]:
     """The mildest fluent setting that reaches the refusal target on `dev`.
 
-    Strength rises per (source, layer) until the target is met or the text stops being
-    fluent; stronger settings in that sweep are not tried. When no setting reaches the
-    target, the fluent setting with the most refusals is kept and reported as short of it.
+    Strength rises per (source, layer) until the target is met, the text stops being fluent
+    or refusals stop rising; stronger settings in that sweep are not tried. When no setting
+    reaches the target, the fluent setting with the most refusals is kept, reported as short.
     """
     harmful = split["harmful", "dev"][: config.dev_harmful]
     benign = split["harmless", "dev"][: config.dev_benign]
@@ -270,7 +270,7 @@ def _choose_steering(
         disable=not progress,
     )
     for source, layer in sweeps:
-        for fraction in config.strength_fractions:
+        for step, fraction in enumerate(config.strength_fractions):
             bar.update(1)
             setting = SteeringSetting(source, (layer,), round(fraction * float(norms[layer]), 2))
             vectors = {layer: ssvs[source][layer]}
@@ -298,14 +298,14 @@ def _choose_steering(
                 "sample": responses[0][:160],
                 "chosen": False,
             }
+            stalled = step > 0 and row["refusal_rate"] <= table[-1]["refusal_rate"]
             table.append(row)
             if (
                 row["fluent_rate"] < config.min_fluent_rate
                 or row["refusal_rate"] >= config.refusal_target
+                or stalled
             ):
-                bar.update(
-                    len(config.strength_fractions) - 1 - config.strength_fractions.index(fraction)
-                )
+                bar.update(len(config.strength_fractions) - 1 - step)
                 break
     bar.close()
     fluent_rows = [r for r in table if r["fluent_rate"] >= config.min_fluent_rate]

@@ -14,9 +14,13 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from guardrail.errors import GuardrailError, InputError
+
+if TYPE_CHECKING:
+    from guardrail.engine import GuardedGenerator
+    from guardrail.generate import Sampling
 
 BATCH_FORMAT = """\
 IN.jsonl: one JSON object per line with "id" and "prompt" (a string, or a list of
@@ -146,7 +150,7 @@ def _write_atomically(path: Path, lines: Sequence[str]) -> None:
         raise
 
 
-def _generator(args: argparse.Namespace) -> Any:
+def _generator(args: argparse.Namespace) -> GuardedGenerator:
     from guardrail.calibrate import CalibrationConfig, load_or_calibrate
     from guardrail.engine import GuardedGenerator
     from guardrail.model import EMBEDDED_DEFAULT, load_model
@@ -165,7 +169,7 @@ def _generator(args: argparse.Namespace) -> Any:
     return GuardedGenerator(lm, calibration, on_fire=getattr(args, "on_fire", "auto"))
 
 
-def _sampling(args: argparse.Namespace) -> Any:
+def _sampling(args: argparse.Namespace) -> Sampling:
     from guardrail.generate import Sampling
 
     try:
@@ -215,8 +219,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         else:
             print(answer.text)
     elif args.command == "calibrate":
-        generator = _generator(args)
-        manifest = generator.calibration.to_artifacts().manifest
+        calibration = _generator(args).calibration
+        assert calibration is not None
+        manifest = calibration.to_artifacts().manifest
         print(
             json.dumps(
                 {k: manifest[k] for k in ("gate", "srv_gate", "steering", "steering_meets_target")},
@@ -230,6 +235,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="guardrail: %(levelname)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub at run time
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # ours say more
     try:
         sys.exit(run(argv))
     except GuardrailError as exc:

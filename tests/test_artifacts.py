@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import torch
+
 from guardrail.cache.artifacts import MANIFEST, TENSORS, Artifacts, DirectoryStore
 
 

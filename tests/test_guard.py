@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import alpaca_test, shared_file
 
+from conftest import alpaca_test, shared_file
 from guardrail import datasets
 from guardrail.engine import GuardedGenerator
 from guardrail.generate import Sampling

@@ -1,0 +1,113 @@
+"""Calibration mechanics on a tiny random model: every SSV source, artifacts, errors.
+
+A random model says nothing about safety; these tests check the procedure and its records.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from guardrail import datasets
+from guardrail.cache.artifacts import DirectoryStore
+from guardrail.calibrate import CalibrationConfig, artifact_key, calibrate, load_or_calibrate
+from guardrail.calibration import Calibration
+from guardrail.errors import CalibrationError, ModelError
+
+
+def _config(tmp_path: Path, **overrides: Any) -> CalibrationConfig:
+    harmful = datasets.load_many(datasets.default_harmful())[::8]
+    harmless = datasets.load_many(datasets.default_harmless())[::16]
+    (tmp_path / "harmful.txt").write_text("\n".join(harmful))
+    (tmp_path / "harmless.txt").write_text("\n".join(harmless))
+    settings: dict[str, Any] = {
+        "harmful": [str(tmp_path / "harmful.txt")],
+        "harmless": [str(tmp_path / "harmless.txt")],
+        "strength_fractions": (0.25, 0.5),
+        "dev_harmful": 6,
+        "dev_benign": 4,
+        "dev_max_new_tokens": 6,
+        **overrides,
+    }
+    return CalibrationConfig(**settings)
+
+
+def _save_tiny(model: Any, tokenizer: Any, folder: Path) -> str:
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama() -> Any:
+    from conftest import _tiny
+
+    return _tiny("llama")
+
+
+def test_calibration_records_every_source_and_round_trips(tiny_llama: Any, tmp_path: Path) -> None:
+    from conftest import _tiny
+
+    sibling = _tiny("llama")  # same hidden size, different weights: the "aligned" source
+    torch.manual_seed(1)
+    for parameter in sibling.model.parameters():
+        parameter.data.normal_(0, 0.02)
+    aligned = _save_tiny(sibling.model, sibling.tokenizer, tmp_path / "aligned")
+    config = _config(tmp_path, aligned_model=aligned)
+    result = calibrate(tiny_llama, config, progress=False)
+
+    assert set(result.ssvs) == {"srv", "refusal", "aligned"}
+    layers = len(result.manifest["residual_norms"])
+    for vectors in result.ssvs.values():
+        assert vectors.shape == (layers, tiny_llama.hidden_size)
+        torch.testing.assert_close(vectors.norm(dim=-1), torch.ones(layers))
+    assert result.gate.kind == "probe" and result.srv_gate.kind == "srv"
+    assert result.manifest["data"]["harmful"]["hash"] and result.manifest["steering_search"]
+    assert {row["source"] for row in result.manifest["steering_search"]} == set(result.ssvs)
+
+    restored = Calibration.from_artifacts(result.to_artifacts())
+    assert restored.gate.layers == result.gate.layers
+    assert restored.gate.threshold == result.gate.threshold
+    torch.testing.assert_close(restored.gate.weight, result.gate.weight)
+    assert restored.steering == result.steering
+
+
+def test_store_is_reused_and_keyed_by_data(tiny_llama: Any, tmp_path: Path) -> None:
+    store = DirectoryStore(tmp_path / "store")
+    config = _config(tmp_path, layer_fractions=(0.5,), strength_fractions=(0.25,))
+    first = load_or_calibrate(tiny_llama, config, store=store, progress=False)
+    key = artifact_key(tiny_llama, config)
+    assert key.startswith(tiny_llama.fingerprint) and (tmp_path / "store" / key).is_dir()
+    again = load_or_calibrate(tiny_llama, config, store=store, progress=False)
+    assert again.manifest["seconds"] == first.manifest["seconds"]  # read back, not recomputed
+    changed = CalibrationConfig(**{**config.__dict__, "target_fpr": 0.05})
+    assert artifact_key(tiny_llama, changed) != key
+
+
+def test_aligned_model_of_another_width_is_rejected(tiny_llama: Any, tmp_path: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    wide = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tiny_llama.tokenizer),
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
+    aligned = _save_tiny(wide, tiny_llama.tokenizer, tmp_path / "wide")
+    with pytest.raises(ModelError, match="hidden size 48"):
+        calibrate(tiny_llama, _config(tmp_path, aligned_model=aligned), progress=False)
+
+
+def test_too_little_data_is_a_clear_error(tiny_llama: Any, tmp_path: Path) -> None:
+    (tmp_path / "few.txt").write_text("one prompt\nanother prompt\n")
+    config = _config(tmp_path)
+    config.harmful = [str(tmp_path / "few.txt")]
+    with pytest.raises(CalibrationError, match="too few harmful prompts"):
+        calibrate(tiny_llama, config, progress=False)
