@@ -49,6 +49,7 @@ class TenantPolicy:
     refusal_text: str = DEFAULT_REFUSAL
     timeout: float | None = None  # seconds from submission
     sampling: Sampling = field(default_factory=Sampling)
+    allow_unguarded: bool = False  # may a caller pass guarded=False (benchmarks, the CLI)?
 
 
 def to_messages(messages: Any) -> list[Message] | str:
@@ -158,6 +159,10 @@ class GuardStream:
         if not self._closed:
             self._cancel()
 
+    def __del__(self) -> None:  # abandoned mid-stream: free the row
+        if not self._closed and self._ticket is not None:
+            self._ticket.cancel()
+
     async def __aenter__(self) -> GuardStream:
         return self
 
@@ -213,11 +218,14 @@ class Guard:
             )
         except ValueError as exc:
             raise InputError(str(exc)) from exc
+        guarded = bool(overrides.get("guarded", True))
+        if not guarded and not policy.allow_unguarded:
+            raise InputError(f"tenant {tenant!r} may not switch the guard off")
         timeout = overrides.get("timeout", policy.timeout)
         return Request(
             chat=to_messages(messages),
             sampling=sampling,
-            guarded=bool(overrides.get("guarded", True)),
+            guarded=guarded,
             on_fire=policy.on_fire,
             refusal_text=policy.refusal_text,
             deadline=None if timeout is None else time.monotonic() + float(timeout),

@@ -161,7 +161,9 @@ def test_stream_releases_only_checked_chunks(llama: Any, llama_cal: Calibration)
         return len(seen) < 3
 
     guard = Guard(worker=LocalWorker(llama, llama_cal, chunk_tokens=3, chunk_check=reject_third))
-    guard.policies["default"] = TenantPolicy(on_fire="refuse", refusal_text=REFUSAL)
+    guard.policies["default"] = TenantPolicy(
+        on_fire="refuse", refusal_text=REFUSAL, allow_unguarded=True
+    )
 
     async def main() -> tuple[list[str], Any]:
         stream = guard.stream(PROMPTS[1], max_new_tokens=40, guarded=False)
@@ -180,6 +182,23 @@ def test_stream_releases_only_checked_chunks(llama: Any, llama_cal: Calibration)
     assert stream_sync.result is not None
     assert "".join(pieces).strip() == stream_sync.result.text and len(pieces) >= 3
     guard.close()
+
+
+def test_broken_chunk_check_fails_closed_for_its_row(llama: Any, llama_cal: Calibration) -> None:
+    def broken(prompt: str, released: str, chunk: str) -> bool:
+        if "France" in prompt:
+            raise RuntimeError("cost model down")
+        return True
+
+    worker = LocalWorker(llama, llama_cal, chunk_tokens=2, chunk_check=broken, start=False)
+    requests = [
+        Request(p, Sampling(max_new_tokens=6), guarded=False, refusal_text=REFUSAL)
+        for p in PROMPTS[:3]
+    ]
+    answers = _collect(worker, requests)
+    worker.close()
+    assert answers[1].text == REFUSAL and answers[1].decision.reason == "chunk_check_error"
+    assert answers[0].text != REFUSAL and answers[2].text != REFUSAL
 
 
 def test_cancellation_leaves_the_batch(llama: Any, llama_cal: Calibration) -> None:
@@ -294,6 +313,8 @@ def test_guard_inputs(llama: Any, llama_cal: Calibration) -> None:
             guard.generate_sync("Hi", temperature=-1)
         with pytest.raises(InputError):
             guard.generate_sync([{"role": "user"}])
+        with pytest.raises(InputError, match="may not switch the guard off"):
+            guard.generate_sync("Hi", guarded=False)
 
 
 def test_event_loop_stays_responsive(llama: Any, llama_cal: Calibration) -> None:
