@@ -253,6 +253,8 @@ class LocalWorker:
             if not self._jobs:
                 group = self._collect(block=True)
                 if group is None:  # closing, queue drained, nothing in flight
+                    if self._abort:
+                        self._fail_all(ShutdownError("the guard worker shut down before this ran"))
                     return
             else:
                 group = self._collect(block=False) if self.join else []
@@ -278,7 +280,8 @@ class LocalWorker:
                 try:
                     group.append(self._queue.get(timeout=0.05))
                 except queue.Empty:
-                    if self._abort or not self._accepting:
+                    # Closed and empty: no request can arrive after `_accepting` went False.
+                    if self._abort or (not self._accepting and self._queue.empty()):
                         return None
             fill_by = time.monotonic() + self.max_wait
             while len(group) < room and (left := fill_by - time.monotonic()) > 0:
