@@ -5,3 +5,20 @@ model's own hidden states, on a shared model worker.
 """
 
 __version__ = "0.1.0"
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from guardrail.guard import Guard, GuardResult, TenantPolicy
+
+
+def __getattr__(name: str) -> Any:
+    """`guardrail.Guard` without importing torch on `import guardrail` (the CLI starts fast)."""
+    if name in ("Guard", "GuardResult", "TenantPolicy"):
+        from guardrail import guard
+
+        return getattr(guard, name)
+    raise AttributeError(f"module 'guardrail' has no attribute {name!r}")
+
+
+__all__ = ["Guard", "GuardResult", "TenantPolicy", "__version__"]

@@ -169,6 +169,45 @@ def _generator(args: argparse.Namespace) -> GuardedGenerator:
     return GuardedGenerator(lm, calibration, on_fire=getattr(args, "on_fire", "auto"))
 
 
+def _guard(args: argparse.Namespace, sampling: Any, *, max_batch: int = 16, queue: int = 1) -> Any:
+    """The same `Guard` that services use, over a worker sized for this run.
+
+    `--unguarded` and `--on-fire` become the default tenant's policy; the worker's queue holds
+    the whole input, so a batch file never meets backpressure.
+    """
+    from guardrail.guard import Guard, TenantPolicy
+    from guardrail.worker import LocalWorker
+
+    generator = _generator(args)  # loads the model and calibration, validates --on-fire
+    policy = TenantPolicy(on_fire=args.on_fire, sampling=sampling, allow_unguarded=True)
+    worker = LocalWorker(
+        generator.lm, generator.calibration, max_batch=max_batch, max_queue=max(queue, 1)
+    )
+    return Guard(worker=worker, policies={"default": policy})
+
+
+def _answer_all(guard: Any, prompts: Sequence[Any], *, guarded: bool, quiet: bool) -> list[Any]:
+    """Submit every prompt at once (the worker batches them) and wait for all answers."""
+    import asyncio
+
+    from tqdm.auto import tqdm
+
+    async def answer_all() -> list[Any]:
+        bar = tqdm(total=len(prompts), desc="answers", disable=quiet)
+
+        async def one(prompt: Any) -> Any:
+            answer = await guard.generate(prompt, guarded=guarded)
+            bar.update(1)
+            return answer
+
+        try:
+            return list(await asyncio.gather(*(one(p) for p in prompts)))
+        finally:
+            bar.close()
+
+    return asyncio.run(answer_all())
+
+
 def _sampling(args: argparse.Namespace) -> Sampling:
     from guardrail.generate import Sampling
 
@@ -181,24 +220,24 @@ def _sampling(args: argparse.Namespace) -> Sampling:
 def run(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "batch":
-        from tqdm.auto import tqdm
-
         records = read_requests(args.input)  # validate before loading anything
         if args.batch_size < 1:
             raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
         sampling = _sampling(args)
-        generator = _generator(args)
-        # Similar lengths share a batch (less padding); output keeps the input order.
+        guard = _guard(args, sampling, max_batch=args.batch_size, queue=len(records))
+        # Submitted shortest first, so similar lengths share a batch (less padding); output
+        # keeps the input order.
         order = sorted(range(len(records)), key=lambda i: len(json.dumps(records[i]["prompt"])))
-        results: dict[int, Any] = {}
-        for start in tqdm(
-            range(0, len(order), args.batch_size), desc="batches", disable=args.quiet
-        ):
-            rows = order[start : start + args.batch_size]
-            answers = generator.generate(
-                [records[i]["prompt"] for i in rows], sampling, guarded=not args.unguarded
+        try:
+            answers = _answer_all(
+                guard,
+                [records[i]["prompt"] for i in order],
+                guarded=not args.unguarded,
+                quiet=args.quiet,
             )
-            results.update(zip(rows, answers, strict=True))
+        finally:
+            guard.close()
+        results: dict[int, Any] = dict(zip(order, answers, strict=True))
         lines = [
             json.dumps(
                 {**record, "response": results[i].text, "guard": results[i].decision.as_dict()}
@@ -211,7 +250,11 @@ def run(argv: Sequence[str] | None = None) -> int:
         print(f"wrote {len(lines)} answers to {args.out} ({fired} fired the gate)", file=sys.stderr)
     elif args.command == "chat":
         sampling = _sampling(args)
-        answer = _generator(args).generate([args.prompt], sampling, guarded=not args.unguarded)[0]
+        guard = _guard(args, sampling)
+        try:
+            answer = guard.generate_sync(args.prompt, guarded=not args.unguarded)
+        finally:
+            guard.close()
         if args.json:
             print(
                 json.dumps({"response": answer.text, "guard": answer.decision.as_dict()}, indent=2)

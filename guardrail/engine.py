@@ -39,6 +39,8 @@ class Decision:
     new_tokens: int = 0
     timings_ms: dict[str, float] = field(default_factory=dict)
     model: str = ""
+    tenant: str | None = None
+    reason: str | None = None  # why a row left its path early, e.g. "chunk_rejected"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -48,6 +50,19 @@ class Decision:
 class Answer:
     text: str
     decision: Decision
+
+
+def resolve_action(calibration: Calibration | None, on_fire: OnFire) -> Literal["steer", "refuse"]:
+    """What a fired row gets: `auto` steers only if calibration met the refusal target."""
+    if on_fire not in ("auto", "steer", "refuse"):
+        raise ValueError(f"on_fire must be auto, steer or refuse, got {on_fire!r}")
+    steering = calibration.steering if calibration else None
+    if on_fire == "auto":
+        meets = calibration is not None and calibration.steering_meets_target
+        return "steer" if meets and steering else "refuse"
+    if on_fire == "steer" and steering is None:
+        raise ValueError("on_fire='steer' needs a calibrated steering setting")
+    return on_fire
 
 
 def steered_generate(
@@ -83,13 +98,7 @@ class GuardedGenerator:
         self.action = self._resolve(on_fire)
 
     def _resolve(self, on_fire: OnFire) -> Literal["steer", "refuse"]:
-        steering = self.calibration.steering if self.calibration else None
-        if on_fire == "auto":
-            meets = self.calibration is not None and self.calibration.steering_meets_target
-            return "steer" if meets and steering else "refuse"
-        if on_fire == "steer" and steering is None:
-            raise ValueError("on_fire='steer' needs a calibrated steering setting")
-        return on_fire
+        return resolve_action(self.calibration, on_fire)
 
     def generate(
         self, chats: Sequence[Chat | str], sampling: Sampling, *, guarded: bool = True
@@ -176,4 +185,11 @@ class GuardedGenerator:
         return str(self.lm.tokenizer.decode(tokens, skip_special_tokens=True)).strip()
 
 
-__all__ = ["DEFAULT_REFUSAL", "Answer", "Decision", "GuardedGenerator", "SteeringSetting"]
+__all__ = [
+    "DEFAULT_REFUSAL",
+    "Answer",
+    "Decision",
+    "GuardedGenerator",
+    "SteeringSetting",
+    "resolve_action",
+]

@@ -15,3 +15,11 @@ class InputError(GuardrailError):
 
 class CalibrationError(GuardrailError):
     """Calibration data or artifacts are missing, inconsistent or for another model."""
+
+
+class OverloadedError(GuardrailError):
+    """The worker's request queue is full: retry later or add capacity (backpressure)."""
+
+
+class ShutdownError(GuardrailError):
+    """The worker is shutting down or closed and does not take or finish this request."""

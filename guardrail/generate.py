@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from guardrail.errors import ModelError
 from guardrail.model import LanguageModel
 
 
@@ -112,3 +113,102 @@ def decode(
         )
         cache, logits = out.past_key_values, out.logits[:, -1, :].float()
     return tokens
+
+
+# --- Step-wise decoding for a scheduler --------------------------------------------------
+#
+# `decode` above runs a fixed batch to the end. A shared worker instead advances a changing
+# set of rows one token at a time: rows leave when they finish (or are cancelled) and new rows
+# join after their own prefill. The functions below are that step loop's primitives; they work
+# on `Prefilled` (cache, mask, pending logits), which is also the state between steps.
+
+
+def _cache_layers(cache: Any) -> list[Any]:
+    layers = getattr(cache, "layers", None)
+    if layers is None or any(
+        getattr(layer, "is_sliding", False) or not hasattr(layer, "keys") for layer in layers
+    ):
+        raise ModelError(
+            f"row-wise batching needs a dynamic (non-sliding) KV cache, got {type(cache).__name__}"
+        )
+    return list(layers)
+
+
+def select_rows(state: Prefilled, indices: Sequence[int]) -> Prefilled:
+    """Keep only `indices` (in that order); drop the leading columns no kept row uses.
+
+    Trimming matters: a long prompt that finished early would otherwise keep every later step
+    paying attention over its padding.
+    """
+    index = torch.tensor(list(indices), dtype=torch.long, device=state.attention_mask.device)
+    mask = state.attention_mask.index_select(0, index)
+    used = mask.any(0).nonzero()
+    start = int(used[0]) if len(used) else mask.shape[1]
+    for layer in _cache_layers(state.cache):
+        if layer.keys is not None and layer.keys.numel():
+            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+            layer.values = layer.values.index_select(0, index)[:, :, start:]
+    return Prefilled(state.cache, mask[:, start:], state.next_logits.index_select(0, index))
+
+
+def _pad_left(tensor: torch.Tensor, dim: int, amount: int) -> torch.Tensor:
+    if amount == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = amount
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def concat_rows(first: Prefilled, second: Prefilled) -> Prefilled:
+    """Stack two states' rows (first's rows, then second's), left-padding the shorter cache.
+
+    Padded key/value slots are masked out, and positions come from the mask, so each row
+    continues exactly as it would alone (up to floating-point summation order).
+    """
+    length = max(first.attention_mask.shape[1], second.attention_mask.shape[1])
+    pads = [length - s.attention_mask.shape[1] for s in (first, second)]
+    for layer_a, layer_b in zip(
+        _cache_layers(first.cache), _cache_layers(second.cache), strict=True
+    ):
+        layer_a.keys = torch.cat(
+            [_pad_left(layer_a.keys, 2, pads[0]), _pad_left(layer_b.keys, 2, pads[1])]
+        )
+        layer_a.values = torch.cat(
+            [_pad_left(layer_a.values, 2, pads[0]), _pad_left(layer_b.values, 2, pads[1])]
+        )
+    mask = torch.cat(
+        [_pad_left(first.attention_mask, 1, pads[0]), _pad_left(second.attention_mask, 1, pads[1])]
+    )
+    logits = torch.cat([first.next_logits, second.next_logits])
+    return Prefilled(first.cache, mask, logits)
+
+
+@torch.inference_mode()
+def decode_step(lm: LanguageModel, state: Prefilled, tokens: torch.Tensor) -> Prefilled:
+    """Feed one token per row; hooks registered by the caller (steering) see this pass."""
+    mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(len(tokens), 1)], -1)
+    out = lm.model(
+        input_ids=tokens[:, None].to(lm.device),
+        attention_mask=mask,
+        position_ids=mask.sum(-1, keepdim=True) - 1,
+        past_key_values=state.cache,
+        use_cache=True,
+    )
+    return Prefilled(out.past_key_values, mask, out.logits[:, -1, :].float())
+
+
+def pick_rows(
+    logits: torch.Tensor,
+    samplings: Sequence[Sampling],
+    generators: Sequence[torch.Generator | None],
+) -> torch.Tensor:
+    """The next token of each row under that row's own settings and random generator.
+
+    Greedy rows take one argmax for all; each sampled row draws from its own generator, so a
+    seeded request gets the same tokens whichever batch it shares.
+    """
+    picked = logits.argmax(-1)
+    for row, (sampling, generator) in enumerate(zip(samplings, generators, strict=True)):
+        if sampling.temperature > 0:
+            picked[row] = _pick(logits[row : row + 1], sampling, generator)[0]
+    return picked

@@ -1,0 +1,363 @@
+"""`Guard`: the async entry point, with sync twins for scripts.
+
+    guard = Guard()                       # the embedded default model and its calibration
+    result = await guard.generate([{"role": "user", "content": "Hi"}], max_new_tokens=64)
+    result.text, result.decision.path
+    async for chunk in guard.stream("Tell me a story"):
+        print(chunk, end="")
+
+The event loop never waits on the model: requests go to a `Worker` (a thread owning the model)
+and come back through `loop.call_soon_threadsafe`. The sync twins (`generate_sync`,
+`stream_sync`) use the same worker through thread-safe queues, so a script and an async
+service share one code path. Deadlines fail closed: when one passes, the answer is the
+tenant's refusal text with path "timeout", never unguarded text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import CancelledError
+from dataclasses import dataclass, field
+from typing import Any
+
+from guardrail.calibration import Calibration
+from guardrail.engine import DEFAULT_REFUSAL, Answer, Decision, OnFire
+from guardrail.errors import InputError
+from guardrail.generate import Sampling
+from guardrail.model import LanguageModel, Message
+from guardrail.worker import LocalWorker, Request, Ticket, Worker
+
+GuardResult = Answer  # `.text` and `.decision` (the decision record)
+
+# Slack the worker gets past a deadline to answer "timeout" itself (it notices between
+# decode steps) before the Guard answers on its behalf.
+_DEADLINE_GRACE_S = 0.25
+
+_LANGCHAIN_ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool"}
+_OVERRIDES = frozenset({"max_new_tokens", "temperature", "top_p", "seed", "timeout", "guarded"})
+
+
+@dataclass(frozen=True)
+class TenantPolicy:
+    """What one tenant gets: action on a fired gate, refusal text, default deadline, sampling."""
+
+    on_fire: OnFire = "auto"
+    refusal_text: str = DEFAULT_REFUSAL
+    timeout: float | None = None  # seconds from submission
+    sampling: Sampling = field(default_factory=Sampling)
+    allow_unguarded: bool = False  # may a caller pass guarded=False (benchmarks, the CLI)?
+
+
+def to_messages(messages: Any) -> list[Message] | str:
+    """Accept a string, role/content dicts, or LangChain messages (anything with `.type`)."""
+    if isinstance(messages, str):
+        if not messages.strip():
+            raise InputError("the prompt is empty")
+        return messages
+    if not isinstance(messages, Sequence) or not messages:
+        raise InputError("messages must be a non-empty string or list of messages")
+    out: list[Message] = []
+    for i, message in enumerate(messages):
+        if isinstance(message, Mapping):
+            role, content = message.get("role"), message.get("content")
+        else:
+            kind = getattr(message, "type", None)
+            role, content = _LANGCHAIN_ROLES.get(str(kind), kind), getattr(message, "content", None)
+        if not isinstance(role, str) or not isinstance(content, str):
+            raise InputError(f"message {i} needs a string role and string content")
+        out.append({"role": role, "content": content})
+    return out
+
+
+class _AsyncSink:
+    """Moves worker callbacks onto the event loop; a closed loop just drops them."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+    def _put(self, item: tuple[str, Any]) -> None:
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening
+            self.loop.call_soon_threadsafe(self.items.put_nowait, item)
+
+    def chunk(self, text: str) -> None:
+        self._put(("chunk", text))
+
+    def done(self, answer: Answer) -> None:
+        self._put(("done", answer))
+
+    def fail(self, error: BaseException) -> None:
+        self._put(("error", error))
+
+
+class _ThreadSink:
+    def __init__(self) -> None:
+        self.items: queue.Queue[tuple[str, Any]] = queue.Queue()
+
+    def chunk(self, text: str) -> None:
+        self.items.put(("chunk", text))
+
+    def done(self, answer: Answer) -> None:
+        self.items.put(("done", answer))
+
+    def fail(self, error: BaseException) -> None:
+        self.items.put(("error", error))
+
+
+class GuardStream:
+    """Async iterator over released text chunks; `.result` holds the answer once it ends.
+
+    Leaving early (`aclose()`, `async with`, or cancelling the consuming task) cancels the
+    request, so its row leaves the batch at the next step.
+    """
+
+    def __init__(self, guard: Guard, request: Request, timeout_at: float | None) -> None:
+        self._guard = guard
+        self._request = request
+        self._timeout_at = timeout_at
+        self._sink: _AsyncSink | None = None
+        self._ticket: Ticket | None = None
+        self._closed = False
+        self.result: Answer | None = None
+
+    def __aiter__(self) -> GuardStream:
+        return self
+
+    async def __anext__(self) -> str:
+        if self._closed:
+            raise StopAsyncIteration
+        if self._sink is None:
+            self._sink = _AsyncSink(asyncio.get_running_loop())
+            self._ticket = self._guard.worker.submit(self._request, self._sink)
+        try:
+            kind, value = await _next_item(self._sink.items, self._timeout_at)
+        except TimeoutError:
+            self._cancel()
+            self.result = _timeout_answer(self._request)
+            return self.result.text
+        except BaseException:
+            self._cancel()
+            raise
+        if kind == "chunk":
+            return str(value)
+        self._closed = True
+        if kind == "done":
+            self.result = value
+            raise StopAsyncIteration
+        raise _error(value)
+
+    def _cancel(self) -> None:
+        self._closed = True
+        if self._ticket is not None:
+            self._ticket.cancel()
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._cancel()
+
+    def __del__(self) -> None:  # abandoned mid-stream: free the row
+        if not self._closed and self._ticket is not None:
+            self._ticket.cancel()
+
+    async def __aenter__(self) -> GuardStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class Guard:
+    """Resolve the tenant's policy, hand the request to the worker, fail closed on deadline."""
+
+    def __init__(
+        self,
+        lm: LanguageModel | None = None,
+        calibration: Calibration | None = None,
+        *,
+        worker: Worker | None = None,
+        policies: Mapping[str, TenantPolicy] | None = None,
+        **worker_options: Any,
+    ) -> None:
+        """With no arguments: the embedded default model and its (stored or new) calibration.
+
+        `worker_options` go to `LocalWorker` (max_batch, max_wait, max_queue, chunk_tokens,
+        chunk_check, join).
+        """
+        if worker is None:
+            if lm is None:
+                from guardrail.model import load_model
+
+                lm = load_model()
+            if calibration is None:
+                from guardrail.calibrate import load_or_calibrate
+
+                calibration = load_or_calibrate(lm, progress=False)
+            worker = LocalWorker(lm, calibration, **worker_options)
+        self.worker = worker
+        self.policies = dict(policies or {"default": TenantPolicy()})
+
+    def request(self, messages: Any, tenant: str = "default", **overrides: Any) -> Request:
+        """Build the worker request; errors in the input raise `InputError` right here."""
+        policy = self.policies.get(tenant)
+        if policy is None:
+            raise InputError(f"unknown tenant {tenant!r}; known: {', '.join(self.policies)}")
+        unknown = set(overrides) - _OVERRIDES
+        if unknown:
+            raise InputError(f"unknown options {sorted(unknown)}; known: {sorted(_OVERRIDES)}")
+        base = policy.sampling
+        try:
+            sampling = Sampling(
+                max_new_tokens=overrides.get("max_new_tokens", base.max_new_tokens),
+                temperature=overrides.get("temperature", base.temperature),
+                top_p=overrides.get("top_p", base.top_p),
+                seed=overrides.get("seed", base.seed),
+            )
+        except ValueError as exc:
+            raise InputError(str(exc)) from exc
+        guarded = bool(overrides.get("guarded", True))
+        if not guarded and not policy.allow_unguarded:
+            raise InputError(f"tenant {tenant!r} may not switch the guard off")
+        timeout = overrides.get("timeout", policy.timeout)
+        return Request(
+            chat=to_messages(messages),
+            sampling=sampling,
+            guarded=guarded,
+            on_fire=policy.on_fire,
+            refusal_text=policy.refusal_text,
+            deadline=None if timeout is None else time.monotonic() + float(timeout),
+            tenant=tenant,
+        )
+
+    async def generate(self, messages: Any, tenant: str = "default", **overrides: Any) -> Answer:
+        """The answer and its decision record; cancelling the caller cancels the request."""
+        request = self.request(messages, tenant, **overrides)
+        sink = _AsyncSink(asyncio.get_running_loop())
+        ticket = self.worker.submit(request, sink)
+        timeout_at = _timeout_at(request)
+        try:
+            while True:
+                kind, value = await _next_item(sink.items, timeout_at)
+                if kind == "done":
+                    return value  # type: ignore[no-any-return]
+                if kind == "error":
+                    raise _error(value)
+        except TimeoutError:
+            ticket.cancel()
+            return _timeout_answer(request)
+        except BaseException:
+            ticket.cancel()
+            raise
+
+    def stream(self, messages: Any, tenant: str = "default", **overrides: Any) -> GuardStream:
+        """Released text chunks, each after it passed the chunk check (at most one held back)."""
+        request = self.request(messages, tenant, **overrides)
+        return GuardStream(self, request, _timeout_at(request))
+
+    def generate_sync(self, messages: Any, tenant: str = "default", **overrides: Any) -> Answer:
+        """`generate` for scripts: blocks this thread, not an event loop."""
+        for _ in (stream := self.stream_sync(messages, tenant, **overrides)):
+            pass
+        assert stream.result is not None
+        return stream.result
+
+    def stream_sync(
+        self, messages: Any, tenant: str = "default", **overrides: Any
+    ) -> SyncGuardStream:
+        request = self.request(messages, tenant, **overrides)
+        return SyncGuardStream(self.worker, request, _timeout_at(request))
+
+    async def aclose(self, *, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop taking requests; in-flight ones finish (`drain`) or fail with `ShutdownError`."""
+        await asyncio.get_running_loop().run_in_executor(
+            None, lambda: self.worker.close(drain=drain, timeout=timeout)
+        )
+
+    def close(self, *, drain: bool = True, timeout: float | None = None) -> None:
+        self.worker.close(drain=drain, timeout=timeout)
+
+    async def __aenter__(self) -> Guard:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def __enter__(self) -> Guard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SyncGuardStream:
+    """Blocking iterator over released chunks; `.result` holds the answer once it ends."""
+
+    def __init__(self, worker: Worker, request: Request, timeout_at: float | None) -> None:
+        self._worker, self._request, self._timeout_at = worker, request, timeout_at
+        self.result: Answer | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        sink = _ThreadSink()
+        ticket = self._worker.submit(self._request, sink)
+        try:
+            while True:
+                left = None if self._timeout_at is None else self._timeout_at - time.monotonic()
+                try:
+                    kind, value = sink.items.get(timeout=None if left is None else max(left, 0))
+                except queue.Empty:
+                    ticket.cancel()
+                    self.result = _timeout_answer(self._request)
+                    yield self.result.text
+                    return
+                if kind == "chunk":
+                    yield str(value)
+                elif kind == "done":
+                    self.result = value
+                    return
+                else:
+                    raise _error(value)
+        finally:
+            if self.result is None:
+                ticket.cancel()
+
+
+def _timeout_at(request: Request) -> float | None:
+    return None if request.deadline is None else request.deadline + _DEADLINE_GRACE_S
+
+
+async def _next_item(
+    items: asyncio.Queue[tuple[str, Any]], timeout_at: float | None
+) -> tuple[str, Any]:
+    if timeout_at is None:
+        return await items.get()
+    left = max(timeout_at - time.monotonic(), 0.0)
+    try:
+        return await asyncio.wait_for(items.get(), left)
+    except asyncio.TimeoutError as exc:  # an alias of TimeoutError from 3.11 on
+        raise TimeoutError from exc
+
+
+def _error(value: BaseException) -> BaseException:
+    if isinstance(value, CancelledError):
+        return asyncio.CancelledError()
+    return value
+
+
+def _timeout_answer(request: Request) -> Answer:
+    """The fail-closed answer when the worker did not answer in time: the refusal text."""
+    decision = Decision(
+        guarded=request.guarded,
+        gate_score=None,
+        threshold=None,
+        fired=False,
+        path="timeout",
+        tenant=request.tenant,
+        reason="deadline",
+    )
+    return Answer(request.refusal_text, decision)
+
+
+__all__ = ["Guard", "GuardResult", "GuardStream", "SyncGuardStream", "TenantPolicy", "to_messages"]

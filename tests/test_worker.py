@@ -1,0 +1,334 @@
+"""The shared worker and the async Guard on tiny random models with a hand-made calibration.
+
+Mechanics only (batching, steering per row, lifecycle); the real model's safety figures are
+in test_guard.py. The gate here reads a fixed random direction at layer 1, with the threshold
+set between the scores of the test prompts so that some of them fire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from conftest import _tiny
+from guardrail.calibration import Calibration, SteeringSetting
+from guardrail.engine import GuardedGenerator
+from guardrail.errors import InputError, OverloadedError, ShutdownError
+from guardrail.gate import Gate
+from guardrail.generate import Sampling
+from guardrail.guard import Guard, TenantPolicy
+from guardrail.vectors import last_token_states, num_layers
+from guardrail.worker import LocalWorker, Request
+
+PROMPTS = [
+    "Hi",
+    "What is the capital of France?",
+    "Write a long poem about the sea, the wind, the stars and the sailors who cross them.",
+    "How do I bake bread?",
+    "Tell me a story about a dragon and a knight who become friends in a castle.",
+    "Name three colours.",
+]
+REFUSAL = "REFUSED"
+
+
+def hand_calibration(lm: Any, fire: int = 2) -> Calibration:
+    """A gate along a fixed direction whose threshold lets the `fire` top-scoring prompts fire."""
+    hidden = lm.hidden_size
+    direction = torch.randn(hidden, generator=torch.Generator().manual_seed(1))
+    direction = direction / direction.norm()
+    states = last_token_states(lm, [lm.format_chat(p) for p in PROMPTS])[:, 1]
+    scores = (states.float() @ direction).sort(descending=True).values
+    threshold = float(scores[fire - 1] + scores[fire]) / 2
+    gate = Gate(layers=(1,), weight=direction, bias=0.0, threshold=threshold)
+    ssvs = {"srv": direction.repeat(num_layers(lm), 1)}
+    return Calibration(
+        gate=gate,
+        srv_gate=gate,
+        ssvs=ssvs,
+        steering=SteeringSetting("srv", (1,), 4.0),
+        steering_meets_target=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def llama() -> Any:
+    return _tiny("llama")
+
+
+@pytest.fixture(scope="module")
+def llama_cal(llama: Any) -> Calibration:
+    return hand_calibration(llama)
+
+
+def _collect(worker: LocalWorker, requests: list[Request]) -> list[Any]:
+    """Submit all, wait for all; returns each request's Answer (or the exception)."""
+    done = threading.Event()
+    results: list[Any] = [None] * len(requests)
+    left = [len(requests)]
+    lock = threading.Lock()
+
+    class Sink:
+        def __init__(self, i: int) -> None:
+            self.i = i
+
+        def chunk(self, text: str) -> None:
+            pass
+
+        def _set(self, value: Any) -> None:
+            results[self.i] = value
+            with lock:
+                left[0] -= 1
+                if left[0] == 0:
+                    done.set()
+
+        def done(self, answer: Any) -> None:
+            self._set(answer)
+
+        def fail(self, error: BaseException) -> None:
+            self._set(error)
+
+    for i, request in enumerate(requests):
+        worker.submit(request, Sink(i))
+    worker.start()
+    assert done.wait(60), "the worker did not answer"
+    return results
+
+
+def test_batch_invariance(tiny_lm: Any) -> None:
+    """Greedy: each answer in a mixed batch (steered and plain rows, different lengths and
+    budgets, rows leaving and joining) equals the answer to the same request run alone."""
+    calibration = hand_calibration(tiny_lm)
+    lengths = [12, 5, 16, 9, 14, 3]
+    requests = [
+        Request(p, Sampling(max_new_tokens=n), on_fire="steer")
+        for p, n in zip(PROMPTS, lengths, strict=True)
+    ]
+    requests.append(Request(PROMPTS[1], Sampling(max_new_tokens=10, temperature=0.9, seed=7)))
+    alone = []
+    for request in requests:
+        worker = LocalWorker(tiny_lm, calibration, max_batch=1)
+        alone.extend(_collect(worker, [request]))
+        worker.close()
+    # max_batch 4 < 7 requests: the first four start together, the rest join as rows finish.
+    mixed_worker = LocalWorker(tiny_lm, calibration, max_batch=4, start=False)
+    mixed = _collect(mixed_worker, requests)
+    mixed_worker.close()
+    assert mixed_worker.stats.joined >= 3 and mixed_worker.stats.max_rows == 4
+    paths = [a.decision.path for a in mixed]
+    assert paths.count("steered") >= 2 and paths.count("plain") >= 3
+    for a, b in zip(alone, mixed, strict=True):
+        assert (a.text, a.decision.path, a.decision.new_tokens) == (
+            b.text,
+            b.decision.path,
+            b.decision.new_tokens,
+        )
+        assert a.decision.gate_score == pytest.approx(b.decision.gate_score, abs=1e-4)
+    # The worker agrees with the batch engine (which steers by a second prefill, as here).
+    engine = GuardedGenerator(tiny_lm, calibration, on_fire="steer")
+    for request, answer in zip(requests[:6], alone, strict=False):
+        expected = engine.generate([request.chat], request.sampling)[0]  # type: ignore[list-item]
+        assert (expected.text, expected.decision.path) == (answer.text, answer.decision.path)
+
+
+def test_refused_rows_never_decode(llama: Any, llama_cal: Calibration) -> None:
+    worker = LocalWorker(llama, llama_cal, start=False)
+    answers = _collect(
+        worker,
+        [
+            Request(p, Sampling(max_new_tokens=6), on_fire="refuse", refusal_text=REFUSAL)
+            for p in PROMPTS
+        ],
+    )
+    worker.close()
+    refused = [a for a in answers if a.decision.fired]
+    assert len(refused) == 2
+    assert all(a.text == REFUSAL and a.decision.path == "refused" for a in refused)
+    assert all(a.decision.new_tokens == 0 for a in refused)
+    assert all(a.decision.path == "plain" and a.text for a in answers if not a.decision.fired)
+
+
+def test_stream_releases_only_checked_chunks(llama: Any, llama_cal: Calibration) -> None:
+    seen: list[str] = []
+
+    def reject_third(prompt: str, released: str, chunk: str) -> bool:
+        seen.append(chunk)
+        return len(seen) < 3
+
+    guard = Guard(worker=LocalWorker(llama, llama_cal, chunk_tokens=3, chunk_check=reject_third))
+    guard.policies["default"] = TenantPolicy(
+        on_fire="refuse", refusal_text=REFUSAL, allow_unguarded=True
+    )
+
+    async def main() -> tuple[list[str], Any]:
+        stream = guard.stream(PROMPTS[1], max_new_tokens=40, guarded=False)
+        chunks = [chunk async for chunk in stream]
+        return chunks, stream.result
+
+    chunks, result = asyncio.run(main())
+    assert chunks == [seen[0], seen[1], REFUSAL]  # the rejected chunk never shows
+    assert seen[2] not in "".join(chunks[:2]) or not seen[2].strip()
+    assert result.text == REFUSAL
+    assert (result.decision.path, result.decision.reason) == ("refused", "chunk_rejected")
+
+    # A check that passes everything: the chunks add up to the answer.
+    guard.worker.chunk_check = lambda *_: True  # type: ignore[attr-defined]
+    pieces = list(stream_sync := guard.stream_sync(PROMPTS[1], max_new_tokens=10, guarded=False))
+    assert stream_sync.result is not None
+    assert "".join(pieces).strip() == stream_sync.result.text and len(pieces) >= 3
+    guard.close()
+
+
+def test_broken_chunk_check_fails_closed_for_its_row(llama: Any, llama_cal: Calibration) -> None:
+    def broken(prompt: str, released: str, chunk: str) -> bool:
+        if "France" in prompt:
+            raise RuntimeError("cost model down")
+        return True
+
+    worker = LocalWorker(llama, llama_cal, chunk_tokens=2, chunk_check=broken, start=False)
+    requests = [
+        Request(p, Sampling(max_new_tokens=6), guarded=False, refusal_text=REFUSAL)
+        for p in PROMPTS[:3]
+    ]
+    answers = _collect(worker, requests)
+    worker.close()
+    assert answers[1].text == REFUSAL and answers[1].decision.reason == "chunk_check_error"
+    assert answers[0].text != REFUSAL and answers[2].text != REFUSAL
+
+
+def test_cancellation_leaves_the_batch(llama: Any, llama_cal: Calibration) -> None:
+    guard = Guard(worker=LocalWorker(llama, llama_cal, max_batch=4))
+    worker: LocalWorker = guard.worker  # type: ignore[assignment]
+
+    async def main() -> Any:
+        long = asyncio.create_task(guard.generate(PROMPTS[2], max_new_tokens=100_000))
+        short = asyncio.create_task(guard.generate(PROMPTS[1], max_new_tokens=30))
+        while worker.stats.steps < 3:
+            await asyncio.sleep(0.01)
+        long.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await long
+        answer = await short
+        for _ in range(200):
+            if worker.active_rows == 0:
+                break
+            await asyncio.sleep(0.01)
+        return answer
+
+    answer = asyncio.run(main())
+    assert answer.decision.path in ("plain", "steered") and answer.text
+    assert worker.stats.cancelled == 1 and worker.active_rows == 0 and worker.queued == 0
+    guard.close()
+
+
+def test_timeout_fails_closed(llama: Any, llama_cal: Calibration) -> None:
+    policy = TenantPolicy(refusal_text=REFUSAL, timeout=0.3)
+    guard = Guard(worker=LocalWorker(llama, llama_cal), policies={"t": policy})
+
+    async def main() -> tuple[Any, list[str], Any]:
+        answer = await guard.generate(PROMPTS[2], tenant="t", max_new_tokens=100_000)
+        stream = guard.stream(PROMPTS[3], tenant="t", max_new_tokens=100_000)
+        chunks = [chunk async for chunk in stream]
+        return answer, chunks, stream.result
+
+    answer, chunks, streamed = asyncio.run(main())
+    assert answer.text == REFUSAL and answer.decision.path == "timeout"
+    assert chunks[-1] == REFUSAL and streamed.decision.path == "timeout"
+    assert guard.worker.stats.timed_out == 2  # type: ignore[attr-defined]
+    guard.close()
+
+    # A worker that never answers (not started): the Guard itself answers with the refusal.
+    stalled = Guard(worker=LocalWorker(llama, llama_cal, start=False), policies={"t": policy})
+    answer = stalled.generate_sync("Hi", tenant="t")
+    assert answer.text == REFUSAL and answer.decision.path == "timeout"
+    stalled.close(drain=False)
+
+
+def test_overload_is_a_clear_error(llama: Any, llama_cal: Calibration) -> None:
+    worker = LocalWorker(llama, llama_cal, max_queue=2, start=False)
+    requests = [Request(p, Sampling(max_new_tokens=3)) for p in PROMPTS[:2]]
+    sink = SimpleNamespace(chunk=lambda _: None, done=lambda _: None, fail=lambda _: None)
+    worker.submit(requests[0], sink)
+    worker.submit(requests[1], sink)
+    with pytest.raises(OverloadedError, match="overloaded"):
+        worker.submit(requests[0], sink)
+    worker.close(drain=False)
+    answers = _collect(LocalWorker(llama, llama_cal, max_queue=2, start=False), requests)
+    assert all(a.text for a in answers)
+
+
+def test_shutdown(llama: Any, llama_cal: Calibration) -> None:
+    # Draining: everything accepted before close() is answered.
+    worker = LocalWorker(llama, llama_cal, max_batch=2, start=False)
+    requests = [Request(p, Sampling(max_new_tokens=4)) for p in PROMPTS[:4]]
+    results: list[Any] = []
+    sink = SimpleNamespace(chunk=lambda _: None, done=results.append, fail=results.append)
+    for request in requests:
+        worker.submit(request, sink)
+    worker.start()
+    worker.close(drain=True, timeout=30)
+    assert len(results) == 4 and all(hasattr(r, "text") for r in results)
+    with pytest.raises(ShutdownError):
+        worker.submit(requests[0], sink)
+
+    # Not draining: in-flight and queued requests fail with ShutdownError, nothing hangs.
+    guard = Guard(worker=LocalWorker(llama, llama_cal, max_batch=1))
+
+    async def main() -> list[Any]:
+        tasks = [
+            asyncio.create_task(guard.generate(p, max_new_tokens=100_000)) for p in PROMPTS[:3]
+        ]
+        while guard.worker.stats.steps < 2:  # type: ignore[attr-defined]
+            await asyncio.sleep(0.01)
+        await guard.aclose(drain=False, timeout=30)
+        outcome = await asyncio.gather(*tasks, return_exceptions=True)
+        with pytest.raises(ShutdownError):
+            await guard.generate("Hi")
+        return outcome
+
+    outcome = asyncio.run(main())
+    assert all(isinstance(o, ShutdownError) for o in outcome), outcome
+
+
+def test_guard_inputs(llama: Any, llama_cal: Calibration) -> None:
+    with Guard(worker=LocalWorker(llama, llama_cal)) as guard:
+        langchain_like = [
+            SimpleNamespace(type="system", content="Be brief."),
+            SimpleNamespace(type="human", content="Hi"),
+        ]
+        dicts = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+        a = guard.generate_sync(langchain_like, max_new_tokens=5)
+        b = asyncio.run(guard.generate(dicts, max_new_tokens=5))
+        assert a.text == b.text and a.decision.tenant == "default"
+        with pytest.raises(InputError, match="unknown tenant"):
+            guard.generate_sync("Hi", tenant="nobody")
+        with pytest.raises(InputError, match="unknown options"):
+            guard.generate_sync("Hi", max_tokens=5)
+        with pytest.raises(InputError, match="temperature"):
+            guard.generate_sync("Hi", temperature=-1)
+        with pytest.raises(InputError):
+            guard.generate_sync([{"role": "user"}])
+        with pytest.raises(InputError, match="may not switch the guard off"):
+            guard.generate_sync("Hi", guarded=False)
+
+
+def test_event_loop_stays_responsive(llama: Any, llama_cal: Calibration) -> None:
+    guard = Guard(worker=LocalWorker(llama, llama_cal))
+
+    async def main() -> float:
+        task = asyncio.create_task(guard.generate(PROMPTS[2], max_new_tokens=60))
+        worst = 0.0
+        while not task.done():
+            started = time.perf_counter()
+            await asyncio.sleep(0.005)
+            worst = max(worst, time.perf_counter() - started - 0.005)
+        await task
+        return worst
+
+    assert asyncio.run(main()) < 0.5  # the loop never waits on a model step
+    guard.close()
