@@ -44,7 +44,7 @@ class CalibrationConfig:
     harmless: list[str] = field(
         default_factory=lambda: [str(p) for p in datasets.default_harmless()]
     )
-    # Share of `fit` and `select` prompts of both classes also seen in a jailbreak wrapper.
+    # Share of prompts also seen inside a jailbreak-style wrapper (see `calibrate`).
     templates: str | None = field(default_factory=lambda: str(datasets.default_templates()))
     augment: float = 0.3
     target_fpr: float = 0.01
@@ -80,8 +80,11 @@ def calibrate(
         for kind, prompts in (("harmful", harmful_all), ("harmless", harmless_all))
         for name in ("fit", "select", "dev")
     }
-    for (_, name), prompts in split.items():
-        if name != "dev":
+    # Jailbreak-style wrapping: both classes in `fit` (the probe learns the request, not its
+    # wrapping) and harmful `select` (the window is chosen for robustness to it). Harmless
+    # `select` stays as given: the target FPR is defined on the user's harmless prompts.
+    for (kind, name), prompts in split.items():
+        if name == "fit" or (kind, name) == ("harmful", "select"):
             prompts.extend(datasets.wrap(prompts, templates, config.augment))
     for key, prompts in split.items():
         if len(prompts) < 4:

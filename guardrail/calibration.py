@@ -15,7 +15,7 @@ from guardrail.cache.artifacts import Artifacts
 from guardrail.errors import CalibrationError
 from guardrail.gate import Gate
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # bump when the calibration procedure or layout changes
 SOURCES = ("srv", "refusal", "aligned")
 
 
