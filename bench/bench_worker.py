@@ -1,15 +1,16 @@
 """Throughput of the shared worker at 1, 4, 16 and 64 concurrent clients vs sequential calls,
 and the event loop's lag (p99) while the worker generates.
 
-Each client sends `--rounds` requests back to back (a closed loop), with budgets between
-`--tokens`/4 and `--tokens` new tokens so rows finish at different steps. "sequential" answers
-the same kind of request one at a time with `GuardedGenerator` (no worker). The worker runs
-twice: `join` (waiting requests join the running batch between decode steps) and `no join`
-(a new batch starts only when the last one has drained); that pair is the measurement
-behind `LocalWorker(join=True)` as the default. Loop lag: a task that sleeps 1 ms and records
+Every variant answers the same workload: `--requests` requests (prompt i and a budget between
+`--tokens`/4 and `--tokens` new tokens, so rows finish at different steps). `clients`
+closed-loop clients take the next request as soon as their last one is answered.
+"sequential" answers the workload one request at a time with `GuardedGenerator` (no worker).
+The worker runs twice: `join` (waiting requests join the running batch between decode
+steps) and `no join` (a new batch starts only when the last one has drained); that pair is
+the measurement behind `LocalWorker`'s `join` default. Loop lag: a task that sleeps 1 ms and records
 how late it wakes up, alive during the `join` run.
 
-    python bench/bench_worker.py [--model embedded|tiny] [--tokens 16] [--rounds 2] [--threads 1]
+    python bench/bench_worker.py [--model embedded|tiny] [--tokens 32] [--requests 64] [--threads 1]
 
 Both the sequential baseline and the worker run the model in a fresh thread with `--threads`
 intra-op threads: on a busy shared 2-core machine, 2 OpenMP threads made every step up to ~9x
@@ -64,9 +65,10 @@ def load(kind: str) -> tuple[Any, Calibration, str]:
         lm = wrap_model(LlamaForCausalLM(config).eval(), tokenizer, name="tiny-llama")
     else:
         lm = load_model()
-        from guardrail.calibrate import default_store
+        from guardrail.cache.artifacts import DirectoryStore
+        from guardrail.model import cache_root
 
-        store = default_store()
+        store = DirectoryStore(cache_root() / "artifacts")
         for folder in sorted(store.root.glob(f"{lm.fingerprint}-*")):
             found = store.load(folder.name)
             if found is not None:
@@ -101,7 +103,7 @@ def budget(i: int, tokens: int) -> int:
 
 
 async def clients(
-    guard: Guard, prompts: list[str], concurrency: int, rounds: int, tokens: int
+    guard: Guard, prompts: list[str], concurrency: int, requests: int, tokens: int
 ) -> tuple[float, list[float], list[float]]:
     """Requests per second with `concurrency` closed-loop clients, latencies, loop lags."""
     lags: list[float] = []
@@ -114,20 +116,21 @@ async def clients(
             await asyncio.sleep(0.001)
             lags.append(time.perf_counter() - started - 0.001)
 
-    async def client(c: int) -> None:
-        for r in range(rounds):
-            i = c * rounds + r
+    workload = iter(range(requests))
+
+    async def client() -> None:
+        for i in workload:  # shared: each client takes the next request when it is free
             started = time.perf_counter()
             await guard.generate(prompts[i % len(prompts)], max_new_tokens=budget(i, tokens))
             latencies.append(time.perf_counter() - started)
 
     tick = asyncio.create_task(ticker())
     started = time.perf_counter()
-    await asyncio.gather(*(client(c) for c in range(concurrency)))
+    await asyncio.gather(*(client() for _ in range(concurrency)))
     elapsed = time.perf_counter() - started
     stop.set()
     await tick
-    return concurrency * rounds / elapsed, latencies, lags
+    return requests / elapsed, latencies, lags
 
 
 def sequential(
@@ -158,8 +161,8 @@ def sequential(
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", choices=["embedded", "tiny"], default="embedded")
-    parser.add_argument("--tokens", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=64, help="the workload of every variant")
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--levels", default="1,4,16,64")
     parser.add_argument(
@@ -169,7 +172,7 @@ def main() -> None:
     lm, calibration, source = load(args.model)
     prompts = datasets.load_prompts(datasets.default_harmless()[-1])
     levels = [int(x) for x in args.levels.split(",")]
-    seq = sequential(lm, calibration, prompts, max(8, 2 * args.rounds), args.tokens, args.threads)
+    seq = sequential(lm, calibration, prompts, args.requests, args.tokens, args.threads)
     rows = []
     for level in levels:
         results = {}
@@ -184,7 +187,7 @@ def main() -> None:
                     torch_threads=args.threads,
                 )
             )
-            results[join] = asyncio.run(clients(guard, prompts, level, args.rounds, args.tokens))
+            results[join] = asyncio.run(clients(guard, prompts, level, args.requests, args.tokens))
             guard.close()
             print(f"  {level} clients, join={join}: {results[join][0]:.3f} req/s", flush=True)
         rate, latencies, lags = results[True]
@@ -204,7 +207,7 @@ def main() -> None:
     print(
         f"model {lm.name} ({source} calibration), {max(args.tokens // 4, 1)}-{args.tokens} "
         "new tokens, "
-        f"{args.rounds} requests per client, max batch {args.max_batch}, "
+        f"{args.requests} requests per variant, max batch {args.max_batch}, "
         f"{args.threads} torch thread(s) in the model thread"
     )
     print(

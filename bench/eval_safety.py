@@ -43,6 +43,7 @@ def main() -> None:
     )
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--skip-gate", action="store_true", help="only the answers table")
     args = parser.parse_args()
     lm, calibration = setup()
     harmful = {
@@ -58,17 +59,23 @@ def main() -> None:
             datasets.load_many(datasets.default_harmless()), "test"
         ),
     }
-    read = {name: states(lm, prompts) for name, prompts in {**harmful, **harmless}.items()}
+    read = {} if args.skip_gate else {n: states(lm, p) for n, p in {**harmful, **harmless}.items()}
     rows = []
     for gate in (calibration.gate, calibration.srv_gate):
         for set_name, acts in read.items():
             metric = "TPR" if set_name in harmful else "FPR"
-            rate = float(gate.fires(gate.read(acts)).float().mean())
+            hits = int(gate.fires(gate.read(acts)).sum())
             rows.append(
-                [f"{gate.kind} @ layers {list(gate.layers)}", set_name, len(acts), metric, rate]
+                [
+                    f"{gate.kind} @ layers {list(gate.layers)}",
+                    set_name,
+                    f"{hits}/{len(acts)}",
+                    metric,
+                    f"{hits / len(acts):.4f}",
+                ]
             )
     print("Gate on held-out prompts (threshold set on the calibration `select` split)")
-    print(table(["read-out", "set", "n", "metric", "value"], rows))
+    print(table(["read-out", "set", "fired/n", "metric", "value"], rows))
 
     all_harmful = [p for prompts in harmful.values() for p in prompts]
     sampling = Sampling(max_new_tokens=args.tokens)

@@ -56,19 +56,35 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--aligned-model", default=None, help="safety-aligned sibling model for SSVs"
         )
+        p.add_argument(
+            "--redis-url",
+            default=None,
+            help="share calibration artifacts through this Redis "
+            "(default: $GUARDRAIL_REDIS_URL, or local files only)",
+        )
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     def generation(p: argparse.ArgumentParser) -> None:
         common(p)
         p.add_argument("--unguarded", action="store_true", help="plain generation, no gate")
-        p.add_argument("--max-new-tokens", type=int, default=128)
-        p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+        p.add_argument(
+            "--max-new-tokens", type=int, default=None, help="default: 128, or the policy's"
+        )
+        p.add_argument(
+            "--temperature", type=float, default=None, help="0 is greedy (default, or the policy's)"
+        )
         p.add_argument(
             "--on-fire",
             choices=["auto", "steer", "refuse"],
-            default="auto",
+            default=None,
             help="what a prompt that fires the gate gets "
-            "(auto: steer only if calibration met the refusal target)",
+            "(auto: steer only if calibration met the refusal target); without --policies",
+        )
+        p.add_argument(
+            "--policies", metavar="DIR", default=None, help="a folder of tenant policy files"
+        )
+        p.add_argument(
+            "--tenant", default="default", help="whose policy applies (needs --policies)"
         )
 
     chat = sub.add_parser("chat", help="answer one prompt")
@@ -92,6 +108,12 @@ def _parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="recalibrate even if artifacts exist"
     )
     common(calibrate)
+
+    policy = sub.add_parser("policy", help="tenant policy files: schema and validation")
+    policy_sub = policy.add_subparsers(dest="policy_command", required=True)
+    policy_sub.add_parser("schema", help="print the policy JSON Schema")
+    check = policy_sub.add_parser("check", help="validate every policy file in a folder")
+    check.add_argument("directory", metavar="DIR")
     return parser
 
 
@@ -151,7 +173,7 @@ def _write_atomically(path: Path, lines: Sequence[str]) -> None:
 
 
 def _generator(args: argparse.Namespace) -> GuardedGenerator:
-    from guardrail.calibrate import CalibrationConfig, load_or_calibrate
+    from guardrail.calibrate import CalibrationConfig, default_store, load_or_calibrate
     from guardrail.engine import GuardedGenerator
     from guardrail.model import EMBEDDED_DEFAULT, load_model
 
@@ -164,9 +186,13 @@ def _generator(args: argparse.Namespace) -> GuardedGenerator:
         if args.harmless:
             config.harmless = args.harmless
         calibration = load_or_calibrate(
-            lm, config, force=getattr(args, "force", False), progress=not args.quiet
+            lm,
+            config,
+            store=default_store(args.redis_url),
+            force=getattr(args, "force", False),
+            progress=not args.quiet,
         )
-    return GuardedGenerator(lm, calibration, on_fire=getattr(args, "on_fire", "auto"))
+    return GuardedGenerator(lm, calibration, on_fire=getattr(args, "on_fire", None) or "auto")
 
 
 def _guard(args: argparse.Namespace, sampling: Any, *, max_batch: int = 16, queue: int = 1) -> Any:
@@ -176,17 +202,44 @@ def _guard(args: argparse.Namespace, sampling: Any, *, max_batch: int = 16, queu
     the whole input, so a batch file never meets backpressure.
     """
     from guardrail.guard import Guard, TenantPolicy
+    from guardrail.tenants import PolicyStore
     from guardrail.worker import LocalWorker
 
+    policies: Any
+    if args.policies:
+        if args.on_fire is not None:
+            raise InputError("--on-fire is the policy's `on_fire` when --policies is given")
+        policies = PolicyStore(args.policies)  # invalid files: PolicyError before any loading
+        policies.get(args.tenant)  # an unknown tenant fails here, not per request
+    elif args.tenant != "default":
+        raise InputError(f"--tenant {args.tenant} needs --policies DIR")
+    else:
+        policy = TenantPolicy(
+            on_fire=args.on_fire or "auto", sampling=sampling, allow_unguarded=True
+        )
+        policies = {"default": policy}
     generator = _generator(args)  # loads the model and calibration, validates --on-fire
-    policy = TenantPolicy(on_fire=args.on_fire, sampling=sampling, allow_unguarded=True)
     worker = LocalWorker(
         generator.lm, generator.calibration, max_batch=max_batch, max_queue=max(queue, 1)
     )
-    return Guard(worker=worker, policies={"default": policy})
+    return Guard(worker=worker, policies=policies)
 
 
-def _answer_all(guard: Any, prompts: Sequence[Any], *, guarded: bool, quiet: bool) -> list[Any]:
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    """Per-request options: the tenant, and the flags the user gave (over the policy's)."""
+    options: dict[str, Any] = {"tenant": args.tenant}
+    if args.unguarded:
+        options["guarded"] = False
+    if args.max_new_tokens is not None:
+        options["max_new_tokens"] = args.max_new_tokens
+    if args.temperature is not None:
+        options["temperature"] = args.temperature
+    return options
+
+
+def _answer_all(
+    guard: Any, prompts: Sequence[Any], options: dict[str, Any], quiet: bool
+) -> list[Any]:
     """Submit every prompt at once (the worker batches them) and wait for all answers."""
     import asyncio
 
@@ -196,7 +249,7 @@ def _answer_all(guard: Any, prompts: Sequence[Any], *, guarded: bool, quiet: boo
         bar = tqdm(total=len(prompts), desc="answers", disable=quiet)
 
         async def one(prompt: Any) -> Any:
-            answer = await guard.generate(prompt, guarded=guarded)
+            answer = await guard.generate(prompt, **options)
             bar.update(1)
             return answer
 
@@ -212,7 +265,10 @@ def _sampling(args: argparse.Namespace) -> Sampling:
     from guardrail.generate import Sampling
 
     try:
-        return Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+        return Sampling(
+            max_new_tokens=128 if args.max_new_tokens is None else args.max_new_tokens,
+            temperature=args.temperature or 0.0,
+        )
     except ValueError as exc:
         raise InputError(str(exc)) from exc
 
@@ -230,10 +286,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         order = sorted(range(len(records)), key=lambda i: len(json.dumps(records[i]["prompt"])))
         try:
             answers = _answer_all(
-                guard,
-                [records[i]["prompt"] for i in order],
-                guarded=not args.unguarded,
-                quiet=args.quiet,
+                guard, [records[i]["prompt"] for i in order], _options(args), args.quiet
             )
         finally:
             guard.close()
@@ -252,7 +305,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         sampling = _sampling(args)
         guard = _guard(args, sampling)
         try:
-            answer = guard.generate_sync(args.prompt, guarded=not args.unguarded)
+            answer = guard.generate_sync(args.prompt, **_options(args))
         finally:
             guard.close()
         if args.json:
@@ -261,6 +314,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             )
         else:
             print(answer.text)
+    elif args.command == "policy":
+        return _policy_command(args)
     elif args.command == "calibrate":
         calibration = _generator(args).calibration
         assert calibration is not None
@@ -272,6 +327,20 @@ def run(argv: Sequence[str] | None = None) -> int:
             )
         )
     return 0
+
+
+def _policy_command(args: argparse.Namespace) -> int:
+    from guardrail.policy import Policy, check_policies
+
+    if args.policy_command == "schema":
+        print(json.dumps(Policy.model_json_schema(), indent=2))
+        return 0
+    policies, problems = check_policies(args.directory)
+    for problem in problems:
+        print(f"guardrail: error: {problem}", file=sys.stderr)
+    for tenant in sorted(policies):
+        print(f"ok: {tenant}")
+    return 2 if problems else 0
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -37,7 +37,7 @@ def default_harmful() -> list[Path]:
 
 def default_harmless() -> list[Path]:
     """Benign prompts written for this project, about a quarter of which merely sound harmful."""
-    return [_data_file(f"benign_prompts{suffix}.txt") for suffix in ("", "_2", "_3")]
+    return [_data_file(f"benign_prompts{suffix}.txt") for suffix in ("", "_2", "_3", "_4")]
 
 
 def default_templates() -> Path:

@@ -54,7 +54,7 @@ def prefill(lm: LanguageModel, texts: Sequence[str]) -> Prefilled:
         position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
         use_cache=True,
     )
-    return Prefilled(out.past_key_values, mask, out.logits[:, -1, :].float())
+    return Prefilled(out.cache, mask, out.logits[:, -1, :].float())
 
 
 def _pick(
@@ -108,10 +108,10 @@ def decode(
             input_ids=picked[:, None],
             attention_mask=mask,
             position_ids=mask.sum(-1, keepdim=True) - 1,
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
         )
-        cache, logits = out.past_key_values, out.logits[:, -1, :].float()
+        cache, logits = out.cache, out.logits[:, -1, :].float()
     return tokens
 
 
@@ -191,10 +191,10 @@ def decode_step(lm: LanguageModel, state: Prefilled, tokens: torch.Tensor) -> Pr
         input_ids=tokens[:, None].to(lm.device),
         attention_mask=mask,
         position_ids=mask.sum(-1, keepdim=True) - 1,
-        past_key_values=state.cache,
+        cache=state.cache,
         use_cache=True,
     )
-    return Prefilled(out.past_key_values, mask, out.logits[:, -1, :].float())
+    return Prefilled(out.cache, mask, out.logits[:, -1, :].float())
 
 
 def pick_rows(

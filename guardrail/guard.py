@@ -22,13 +22,18 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
+
+from asyncio_throttle.throttler import Throttler
 
 from guardrail.calibration import Calibration
 from guardrail.engine import DEFAULT_REFUSAL, Answer, Decision, OnFire
-from guardrail.errors import InputError
+from guardrail.errors import InputError, OverloadedError, ShutdownError
 from guardrail.generate import Sampling
 from guardrail.model import LanguageModel, Message
+from guardrail.policy import Policy
+from guardrail.tenants import PolicyStore, UnknownTenantError
 from guardrail.worker import LocalWorker, Request, Ticket, Worker
 
 GuardResult = Answer  # `.text` and `.decision` (the decision record)
@@ -43,13 +48,42 @@ _OVERRIDES = frozenset({"max_new_tokens", "temperature", "top_p", "seed", "timeo
 
 @dataclass(frozen=True)
 class TenantPolicy:
-    """What one tenant gets: action on a fired gate, refusal text, default deadline, sampling."""
+    """What one tenant gets at run time: the `Policy` file's fields the Guard applies."""
 
     on_fire: OnFire = "auto"
     refusal_text: str = DEFAULT_REFUSAL
     timeout: float | None = None  # seconds from submission
     sampling: Sampling = field(default_factory=Sampling)
-    allow_unguarded: bool = False  # may a caller pass guarded=False (benchmarks, the CLI)?
+    allow_unguarded: bool = False  # may a caller switch the guard off (benchmarks, the CLI)?
+    gate_threshold: float | None = None  # None: the calibrated threshold
+    max_input_tokens: int | None = None
+    requests_per_second: float | None = None  # None: unlimited
+    burst: int = 1
+    fail_mode: Literal["refuse", "error"] = "refuse"  # on an internal error
+
+    @classmethod
+    def from_policy(cls, policy: Policy) -> TenantPolicy:
+        gen, limits = policy.generation, policy.limits
+        return cls(
+            on_fire=policy.on_fire,
+            refusal_text=policy.refusal_text,
+            timeout=limits.timeout,
+            sampling=Sampling(
+                max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p
+            ),
+            allow_unguarded=policy.allow_unguarded,
+            gate_threshold=policy.gate.threshold,
+            max_input_tokens=limits.max_input_tokens,
+            requests_per_second=limits.requests_per_second,
+            burst=limits.burst,
+            fail_mode=policy.fail_mode,
+        )
+
+    def throttler(self) -> Throttler | None:
+        """`burst` requests per `burst / requests_per_second` seconds: that rate on average."""
+        if self.requests_per_second is None:
+            return None
+        return Throttler(rate_limit=self.burst, period=self.burst / self.requests_per_second)
 
 
 def to_messages(messages: Any) -> list[Message] | str:
@@ -131,6 +165,10 @@ class GuardStream:
         if self._closed:
             raise StopAsyncIteration
         if self._sink is None:
+            if not await self._guard._admit(self._request):
+                self._closed = True
+                self.result = _timeout_answer(self._request)
+                return self.result.text
             self._sink = _AsyncSink(asyncio.get_running_loop())
             self._ticket = self._guard.worker.submit(self._request, self._sink)
         try:
@@ -179,11 +217,15 @@ class Guard:
         calibration: Calibration | None = None,
         *,
         worker: Worker | None = None,
-        policies: Mapping[str, TenantPolicy] | None = None,
+        policies: PolicyStore | Mapping[str, TenantPolicy] | str | Path | None = None,
+        redis_url: str | None = None,
         **worker_options: Any,
     ) -> None:
         """With no arguments: the embedded default model and its (stored or new) calibration.
 
+        `policies`: a folder of tenant policy files (or a `PolicyStore` over one, reloaded on
+        change), or tenant policies in code; default: the shipped `default` policy only.
+        `redis_url` (default: `GUARDRAIL_REDIS_URL`): where calibration artifacts are shared.
         `worker_options` go to `LocalWorker` (max_batch, max_wait, max_queue, chunk_tokens,
         chunk_check, join).
         """
@@ -193,18 +235,32 @@ class Guard:
 
                 lm = load_model()
             if calibration is None:
-                from guardrail.calibrate import load_or_calibrate
+                from guardrail.calibrate import default_store, load_or_calibrate
 
-                calibration = load_or_calibrate(lm, progress=False)
+                calibration = load_or_calibrate(lm, store=default_store(redis_url), progress=False)
             worker = LocalWorker(lm, calibration, **worker_options)
         self.worker = worker
-        self.policies = dict(policies or {"default": TenantPolicy()})
+        if isinstance(policies, (str, Path)):
+            policies = PolicyStore(policies)
+        self.store = policies if isinstance(policies, PolicyStore) else None
+        self.policies: dict[str, TenantPolicy] = {}
+        if not isinstance(policies, PolicyStore):
+            self.policies = dict(policies or {"default": TenantPolicy()})
+        self._throttlers: dict[str, tuple[TenantPolicy, Throttler | None]] = {}
+
+    def policy(self, tenant: str) -> TenantPolicy:
+        """The tenant's policy in force now; `UnknownTenantError` if it has none."""
+        if self.store is not None:
+            return TenantPolicy.from_policy(self.store.get(tenant))
+        policy = self.policies.get(tenant)
+        if policy is None:
+            known = ", ".join(sorted(self.policies))
+            raise UnknownTenantError(f"unknown tenant {tenant!r} (known: {known})")
+        return policy
 
     def request(self, messages: Any, tenant: str = "default", **overrides: Any) -> Request:
         """Build the worker request; errors in the input raise `InputError` right here."""
-        policy = self.policies.get(tenant)
-        if policy is None:
-            raise InputError(f"unknown tenant {tenant!r}; known: {', '.join(self.policies)}")
+        policy = self.policy(tenant)
         unknown = set(overrides) - _OVERRIDES
         if unknown:
             raise InputError(f"unknown options {sorted(unknown)}; known: {sorted(_OVERRIDES)}")
@@ -230,11 +286,36 @@ class Guard:
             refusal_text=policy.refusal_text,
             deadline=None if timeout is None else time.monotonic() + float(timeout),
             tenant=tenant,
+            gate_threshold=policy.gate_threshold,
+            max_input_tokens=policy.max_input_tokens,
         )
+
+    def _throttler(self, tenant: str) -> Throttler | None:
+        """One throttler per tenant, renewed when the tenant's policy changes."""
+        policy = self.policy(tenant)
+        held = self._throttlers.get(tenant)
+        if held is None or held[0] != policy:
+            held = (policy, policy.throttler())
+            self._throttlers[tenant] = held
+        return held[1]
+
+    async def _admit(self, request: Request) -> bool:
+        """Wait for the tenant's rate limit; False if the deadline passed while waiting."""
+        throttler = self._throttler(request.tenant)
+        if throttler is None:
+            return True
+        left = None if request.deadline is None else request.deadline - time.monotonic()
+        try:
+            await asyncio.wait_for(throttler.acquire(), left)  # type: ignore[no-untyped-call]
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     async def generate(self, messages: Any, tenant: str = "default", **overrides: Any) -> Answer:
         """The answer and its decision record; cancelling the caller cancels the request."""
         request = self.request(messages, tenant, **overrides)
+        if not await self._admit(request):
+            return _timeout_answer(request)
         sink = _AsyncSink(asyncio.get_running_loop())
         ticket = self.worker.submit(request, sink)
         timeout_at = _timeout_at(request)
@@ -244,13 +325,30 @@ class Guard:
                 if kind == "done":
                     return value  # type: ignore[no-any-return]
                 if kind == "error":
-                    raise _error(value)
+                    return self._failed(request, value)
         except TimeoutError:
             ticket.cancel()
             return _timeout_answer(request)
         except BaseException:
             ticket.cancel()
             raise
+
+    def _failed(self, request: Request, error: BaseException) -> Answer:
+        """An internal error: the refusal text under `fail_mode: refuse`, else raise it."""
+        if isinstance(error, (InputError, OverloadedError, ShutdownError, CancelledError)):
+            raise _error(error)
+        if self.policy(request.tenant).fail_mode == "error":
+            raise _error(error)
+        decision = Decision(
+            guarded=request.guarded,
+            gate_score=None,
+            threshold=None,
+            fired=False,
+            path="refused",
+            tenant=request.tenant,
+            reason=f"error: {error}",
+        )
+        return Answer(request.refusal_text, decision)
 
     def stream(self, messages: Any, tenant: str = "default", **overrides: Any) -> GuardStream:
         """Released text chunks, each after it passed the chunk check (at most one held back)."""
@@ -268,7 +366,7 @@ class Guard:
         self, messages: Any, tenant: str = "default", **overrides: Any
     ) -> SyncGuardStream:
         request = self.request(messages, tenant, **overrides)
-        return SyncGuardStream(self.worker, request, _timeout_at(request))
+        return SyncGuardStream(self, request, _timeout_at(request))
 
     async def aclose(self, *, drain: bool = True, timeout: float | None = None) -> None:
         """Stop taking requests; in-flight ones finish (`drain`) or fail with `ShutdownError`."""
@@ -295,13 +393,17 @@ class Guard:
 class SyncGuardStream:
     """Blocking iterator over released chunks; `.result` holds the answer once it ends."""
 
-    def __init__(self, worker: Worker, request: Request, timeout_at: float | None) -> None:
-        self._worker, self._request, self._timeout_at = worker, request, timeout_at
+    def __init__(self, guard: Guard, request: Request, timeout_at: float | None) -> None:
+        self._guard, self._request, self._timeout_at = guard, request, timeout_at
         self.result: Answer | None = None
 
     def __iter__(self) -> Iterator[str]:
+        if not asyncio.run(self._guard._admit(self._request)):  # the tenant's rate limit
+            self.result = _timeout_answer(self._request)
+            yield self.result.text
+            return
         sink = _ThreadSink()
-        ticket = self._worker.submit(self._request, sink)
+        ticket = self._guard.worker.submit(self._request, sink)
         try:
             while True:
                 left = None if self._timeout_at is None else self._timeout_at - time.monotonic()

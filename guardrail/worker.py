@@ -78,6 +78,8 @@ class Request:
     refusal_text: str = DEFAULT_REFUSAL
     deadline: float | None = None  # time.monotonic() after which the answer is the refusal
     tenant: str = "default"
+    gate_threshold: float | None = None  # the tenant's own; None: the calibrated one
+    max_input_tokens: int | None = None  # longer prompts fail with InputError
 
 
 class Sink(Protocol):
@@ -308,22 +310,37 @@ class LocalWorker:
         """Prefill with the gate, decide each row, and append the decoding rows to the batch."""
         started = time.monotonic()
         lm = self.lm
+        fits = []
         for job in group:
             job.prompt = lm.format_chat(job.request.chat)
             job.admitted = started
+            limit = job.request.max_input_tokens
+            if limit is not None and (n := len(lm.tokenizer(job.prompt).input_ids)) > limit:
+                self._fail(job, InputError(f"the prompt has {n} tokens; the limit is {limit}"))
+                continue
+            fits.append(job)
             seed = job.request.sampling.seed
             if seed is not None:
                 job.generator = torch.Generator(device=lm.device).manual_seed(seed)
+        group = fits
+        if not group:
+            return
         gate = self.calibration.gate if self.calibration else None
         recorder = Recorder(gate.layers if gate else [])
         with recorder.applied(lm.model):
             state = prefill(lm, [job.prompt for job in group])
         scores: list[float | None] = [None] * len(group)
+        thresholds: list[float | None] = [None] * len(group)
         fired = [False] * len(group)
         if gate is not None:
             states = torch.stack([recorder.states[i] for i in gate.layers], dim=1)
-            values = gate.scores(states).cpu()
-            scores, fired = values.tolist(), gate.fires(values).tolist()
+            values: list[float] = gate.scores(states).cpu().tolist()
+            limits = [
+                gate.threshold if job.request.gate_threshold is None else job.request.gate_threshold
+                for job in group
+            ]
+            fired = [v > t for v, t in zip(values, limits, strict=True)]
+            scores, thresholds = list(values), list(limits)
         prefill_ms = 1000 * (time.monotonic() - started)
         plain, steered = [], []
         for row, job in enumerate(group):
@@ -332,7 +349,7 @@ class LocalWorker:
             job.decision = Decision(
                 guarded=request.guarded,
                 gate_score=scores[row] if request.guarded else None,
-                threshold=gate.threshold if gate and request.guarded else None,
+                threshold=thresholds[row] if request.guarded else None,
                 fired=hit,
                 path="plain" if request.guarded else "unguarded",
                 gate_layers=list(gate.layers) if gate and request.guarded else None,

@@ -24,9 +24,16 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 def _session_home() -> Path:
     """A fresh GUARDRAIL_HOME per test session (subprocesses inherit it): calibration always
-    runs, while the converted model is shared with the user's cache so it converts once."""
+    runs, while the converted model is shared with the user's cache so it converts once.
+
+    `GUARDRAIL_TEST_HOME=DIR` reuses DIR instead (its calibration too): a shortcut for local
+    iteration only; CI never sets it, so CI always calibrates from scratch."""
     from guardrail.model import cache_root
 
+    reuse = os.environ.get("GUARDRAIL_TEST_HOME")
+    if reuse:
+        os.environ["GUARDRAIL_HOME"] = reuse
+        return Path(reuse)
     models = cache_root() / "models"
     models.mkdir(parents=True, exist_ok=True)
     home = Path(tempfile.mkdtemp(prefix="guardrail-test-"))

@@ -13,7 +13,7 @@ from guardrail.errors import InputError
 def test_shipped_sets_load() -> None:
     assert len(datasets.load_prompts(datasets.advbench())) == 520
     assert len(datasets.load_many(datasets.default_harmful())) == 1020
-    assert len(datasets.load_many(datasets.default_harmless())) == 2600
+    assert len(datasets.load_many(datasets.default_harmless())) == 2998
     templates = datasets.load_prompts(datasets.default_templates())
     assert templates and all(t.count("{prompt}") == 1 for t in templates)
 

@@ -1,0 +1,217 @@
+"""Tenant policy files: schema, `extends`, errors naming file/line/field, reload with last good
+kept, per-tenant application in the Guard (isolation, rate limits), and the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_worker import hand_calibration
+
+from conftest import _tiny
+from guardrail.guard import Guard
+from guardrail.policy import Policy, PolicyError, check_policies, default_policy, load_policy
+from guardrail.tenants import PolicyStore, UnknownTenantError
+from guardrail.worker import LocalWorker
+
+
+def write(folder: Path, name: str, text: str) -> Path:
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+def problems_of(path: Path) -> list[str]:
+    with pytest.raises(PolicyError) as caught:
+        load_policy(path)
+    return [str(p) for p in caught.value.problems]
+
+
+def test_shipped_default_is_valid() -> None:
+    policy = default_policy()
+    assert policy.tenant == "default"
+    assert policy.limits.timeout is not None and policy.generation.temperature == 0.0
+
+
+def test_extends_merges_nested_fields_and_never_inherits_the_tenant(tmp_path: Path) -> None:
+    write(tmp_path, "base.yaml", "extends: default\nbudget: 3.0\nlimits:\n  burst: 4\n")
+    path = write(tmp_path, "acme.yaml", "extends: base\nlimits:\n  requests_per_second: 2\n")
+    policy = load_policy(path)
+    assert policy.tenant == "acme"  # the file's stem, not base's or default's
+    assert policy.budget == 3.0  # from base
+    assert policy.limits.burst == 4 and policy.limits.requests_per_second == 2
+    assert policy.limits.max_input_tokens == default_policy().limits.max_input_tokens
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("extends: default\nbudget: lots\n", ":2: budget: Input should be a valid number"),
+        ("extends: default\nbudget: -1\n", ":2: budget: Input should be greater than or equal"),
+        ("extends: default\nlimits:\n  burst: 2\n  burts: 3\n", ":4: limits.burts: unknown field"),
+        ("extends: default\nbudget: [1\n", "invalid YAML"),
+        ("extends: nowhere\n", "extends: no policy file"),
+        ("- just\n- a list\n", "must be a mapping"),
+        ("extends: default\nrefusal_text: '  '\n", "refusal_text: Value error, must not be blank"),
+    ],
+)
+def test_bad_policy_names_file_line_and_field(tmp_path: Path, text: str, needle: str) -> None:
+    path = write(tmp_path, "bad.yaml", text)
+    found = problems_of(path)
+    assert any(str(path) in p and needle in p for p in found), found
+
+
+def test_cyclic_extends_and_missing_file_are_errors(tmp_path: Path) -> None:
+    write(tmp_path, "a.yaml", "extends: b\n")
+    write(tmp_path, "b.yaml", "extends: a\n")
+    assert any(
+        "cyclic extends: a.yaml -> b.yaml -> a.yaml" in p for p in problems_of(tmp_path / "a.yaml")
+    )
+    assert any("no such file" in p for p in problems_of(tmp_path / "missing.yaml"))
+
+
+def test_store_keeps_the_last_good_policy_on_a_broken_edit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write(tmp_path, "acme.yaml", "extends: default\nrefusal_text: first\n")
+    store = PolicyStore(tmp_path, poll=0.0)
+    assert store.get("acme").refusal_text == "first"
+    time.sleep(0.01)
+    path.write_text("extends: default\nrefusal_text: second\nbudget: -5\n")
+    with caplog.at_level(logging.ERROR):
+        assert store.get("acme").refusal_text == "first"  # the bad edit is rejected
+    assert any("budget" in r.getMessage() and "last good" in r.getMessage() for r in caplog.records)
+    path.write_text("extends: default\nrefusal_text: third\n")
+    os.utime(path, (time.time() + 5, time.time() + 5))  # a distinct mtime on coarse clocks
+    assert store.get("acme").refusal_text == "third"  # a good edit is picked up
+    assert store.problems == []
+
+
+def test_store_refuses_to_start_on_a_bad_folder_and_names_unknown_tenants(tmp_path: Path) -> None:
+    write(tmp_path, "bad.yaml", "tenant: 'has space'\n")
+    with pytest.raises(PolicyError, match="tenant"):
+        PolicyStore(tmp_path)
+    (tmp_path / "bad.yaml").unlink()
+    write(tmp_path, "acme.yaml", "extends: default\n")
+    store = PolicyStore(tmp_path)
+    with pytest.raises(UnknownTenantError, match=r"unknown tenant 'other'.*acme"):
+        store.get("other")
+    assert PolicyStore(tmp_path, fallback_to_default=True).get("other").tenant == "default"
+
+
+def test_json_schema_lists_every_section() -> None:
+    schema = Policy.model_json_schema()
+    for key in ("budget", "gate", "steering", "search", "generation", "limits", "fail_mode"):
+        assert key in schema["properties"]
+    assert schema["additionalProperties"] is False
+
+
+def test_check_reports_every_bad_file(tmp_path: Path) -> None:
+    write(tmp_path, "ok.yaml", "extends: default\n")
+    write(tmp_path, "wrong.yaml", "extends: default\nsearch:\n  beams: 0\n")
+    write(tmp_path, "twin.yaml", "extends: default\ntenant: ok\n")
+    policies, problems = check_policies(tmp_path)
+    assert set(policies) == {"ok"}
+    text = "\n".join(map(str, problems))
+    assert "wrong.yaml:3: search.beams" in text and "twin.yaml" in text
+
+
+def test_cli_policy_check_and_schema(tmp_path: Path) -> None:
+    write(tmp_path, "ok.yaml", "extends: default\n")
+    run = [sys.executable, "-m", "guardrail.cli", "policy"]
+    good = subprocess.run([*run, "check", str(tmp_path)], capture_output=True, text=True)
+    assert good.returncode == 0 and "ok: ok" in good.stdout
+    write(tmp_path, "bad.yaml", "extends: default\nbudget: -1\n")
+    bad = subprocess.run([*run, "check", str(tmp_path)], capture_output=True, text=True)
+    assert bad.returncode == 2 and "bad.yaml:2: budget" in bad.stderr
+    schema = subprocess.run([*run, "schema"], capture_output=True, text=True, check=True)
+    assert json.loads(schema.stdout)["title"] == "Policy"
+
+
+# --- per-tenant application (tiny model: mechanics only) -------------------------------------
+
+
+@pytest.fixture
+def two_tenants(tmp_path: Path) -> Path:
+    write(
+        tmp_path,
+        "strict.yaml",
+        "extends: default\non_fire: refuse\nrefusal_text: STRICT SAYS NO\n"
+        "gate:\n  threshold: -1.0e9\n"
+        "generation:\n  max_new_tokens: 3\nlimits:\n  requests_per_second: 4\n  burst: 1\n",
+    )
+    write(
+        tmp_path,
+        "lenient.yaml",
+        "extends: default\nrefusal_text: LENIENT SAYS NO\ngate:\n  threshold: 1.0e9\n"
+        "generation:\n  max_new_tokens: 6\nlimits:\n  max_input_tokens: 64\n",
+    )
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def tiny_llama() -> Any:
+    return _tiny("llama")
+
+
+def _guard(lm: Any, folder: Path) -> Guard:
+    return Guard(worker=LocalWorker(lm, hand_calibration(lm)), policies=folder)
+
+
+def test_tenant_isolation_in_a_mixed_concurrent_batch(tiny_llama: Any, two_tenants: Path) -> None:
+    """Every request gets its own tenant's threshold, refusal text and token budget."""
+    guard = _guard(tiny_llama, two_tenants)
+
+    async def run() -> list[Any]:
+        calls = [("strict" if i % 2 else "lenient", f"prompt number {i}") for i in range(8)]
+        answers = await asyncio.gather(*(guard.generate(p, tenant=t) for t, p in calls))
+        return list(zip(calls, answers, strict=True))
+
+    try:
+        for (tenant, _), answer in asyncio.run(run()):
+            assert answer.decision.tenant == tenant
+            if tenant == "strict":  # threshold -1e9: every prompt fires and is refused
+                assert answer.decision.fired and answer.text == "STRICT SAYS NO"
+                assert answer.decision.threshold == -1.0e9
+            else:  # threshold +1e9: never fires, plain answer within 6 tokens
+                assert not answer.decision.fired and answer.decision.path == "plain"
+                assert answer.text != "LENIENT SAYS NO" and answer.decision.new_tokens <= 6
+    finally:
+        guard.close()
+
+
+def test_rate_limits_per_tenant(tiny_llama: Any, two_tenants: Path) -> None:
+    """strict: 4 requests/s, burst 1, so 5 requests take >= 1 s; lenient: unlimited."""
+    guard = _guard(tiny_llama, two_tenants)
+
+    async def timed(tenant: str) -> float:
+        started = time.monotonic()
+        await asyncio.gather(*(guard.generate("hi", tenant=tenant) for _ in range(5)))
+        return time.monotonic() - started
+
+    try:
+        assert asyncio.run(timed("strict")) >= 1.0
+        assert asyncio.run(timed("lenient")) < 1.0
+    finally:
+        guard.close()
+
+
+def test_max_input_tokens_and_unknown_tenant(tiny_llama: Any, two_tenants: Path) -> None:
+    from guardrail.errors import InputError
+
+    guard = _guard(tiny_llama, two_tenants)
+    try:
+        with pytest.raises(InputError, match="the limit is 64"):
+            guard.generate_sync("word " * 200, tenant="lenient")
+        with pytest.raises(UnknownTenantError, match="nobody"):
+            guard.generate_sync("hi", tenant="nobody")
+    finally:
+        guard.close()
