@@ -1,9 +1,37 @@
 """Artifact and score caches, installed as `guardrail.cache`.
 
-Values are safetensors or JSON, never pickle. A local directory backend ships now; Redis
-joins it behind the same interface.
+Values are safetensors or JSON with a checksum, never pickle. Each cache has memory, disk
+and Redis backends behind one interface; Redis outages read as misses, never as errors.
 """
 
-from guardrail.cache.artifacts import Artifacts, ArtifactStore, DirectoryStore
+from guardrail.cache.artifacts import (
+    Artifacts,
+    ArtifactStore,
+    DirectoryStore,
+    MemoryStore,
+    RedisStore,
+    TieredStore,
+)
+from guardrail.cache.scores import (
+    CountingScores,
+    DiskScores,
+    MemoryScores,
+    RedisScores,
+    ScoreCache,
+    score_key,
+)
 
-__all__ = ["ArtifactStore", "Artifacts", "DirectoryStore"]
+__all__ = [
+    "ArtifactStore",
+    "Artifacts",
+    "CountingScores",
+    "DirectoryStore",
+    "DiskScores",
+    "MemoryScores",
+    "MemoryStore",
+    "RedisScores",
+    "RedisStore",
+    "ScoreCache",
+    "TieredStore",
+    "score_key",
+]

@@ -3,6 +3,10 @@
 The key carries the model fingerprint, the calibration data hash and the schema version, so
 artifacts are never applied to a model or data set they were not computed for. The manifest
 records a checksum of the tensor file; a value that fails it is treated as missing.
+
+Backends: `DirectoryStore` (local disk), `MemoryStore`, `RedisStore` (shared by many
+workers); `TieredStore` reads through them in order and writes to all, so a worker on a
+warm Redis starts without calibrating and a Redis outage never fails a request.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from typing import Any, Protocol
 import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
+
+from guardrail.cache.redis_backend import SafeRedis
 
 log = logging.getLogger(__name__)
 
@@ -52,29 +58,120 @@ class DirectoryStore:
     def load(self, key: str) -> Artifacts | None:
         folder = self.path(key)
         try:
-            manifest = json.loads((folder / MANIFEST).read_text())
+            manifest = (folder / MANIFEST).read_bytes()
             blob = (folder / TENSORS).read_bytes()
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
             log.warning("ignoring unreadable artifacts in %s: %s", folder, exc)
             return None
-        if hashlib.sha256(blob).hexdigest() != manifest.get("tensors_sha256"):
-            log.warning("ignoring artifacts in %s: checksum mismatch", folder)
-            return None
-        return Artifacts(tensors=load_tensors(blob), manifest=manifest)
+        return decode(manifest, blob, str(folder))
 
     def save(self, key: str, artifacts: Artifacts) -> None:
-        blob = save_tensors({k: v.contiguous() for k, v in artifacts.tensors.items()})
-        manifest = {**artifacts.manifest, "tensors_sha256": hashlib.sha256(blob).hexdigest()}
+        manifest, blob = encode(artifacts)
         self.root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=self.root))
         try:
             (staging / TENSORS).write_bytes(blob)
-            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+            (staging / MANIFEST).write_bytes(manifest)
             target = self.path(key)
             if target.exists():
                 shutil.rmtree(target)
             staging.rename(target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def encode(artifacts: Artifacts) -> tuple[bytes, bytes]:
+    """(manifest JSON, safetensors blob), the manifest carrying the blob's checksum."""
+    blob = save_tensors({k: v.contiguous() for k, v in artifacts.tensors.items()})
+    manifest = {**artifacts.manifest, "tensors_sha256": hashlib.sha256(blob).hexdigest()}
+    return json.dumps(manifest, indent=2, sort_keys=True).encode(), blob
+
+
+def decode(manifest: bytes, blob: bytes, where: str) -> Artifacts | None:
+    """The artifacts, or None (logged) when the manifest or the checksum does not hold."""
+    try:
+        fields = json.loads(manifest)
+        if not isinstance(fields, dict):
+            raise ValueError("the manifest is not a JSON object")
+    except ValueError as exc:
+        log.warning("ignoring artifacts in %s: bad manifest: %s", where, exc)
+        return None
+    if hashlib.sha256(blob).hexdigest() != fields.get("tensors_sha256"):
+        log.warning("ignoring artifacts in %s: checksum mismatch", where)
+        return None
+    return Artifacts(tensors=load_tensors(blob), manifest=fields)
+
+
+class MemoryStore:
+    """In-process artifacts, stored encoded so callers never share mutable tensors."""
+
+    def __init__(self) -> None:
+        self._items: dict[str, tuple[bytes, bytes]] = {}
+
+    def load(self, key: str) -> Artifacts | None:
+        item = self._items.get(key)
+        return decode(*item, f"memory:{key}") if item else None
+
+    def save(self, key: str, artifacts: Artifacts) -> None:
+        self._items[key] = encode(artifacts)
+
+
+class RedisStore:
+    """Artifacts as a Redis hash {manifest, tensors} under `guardrail:artifacts:KEY`.
+
+    Never raises: an unreachable Redis reads as absent, and a save that could not reach it
+    stays pending and is written on the next call that finds Redis up.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "guardrail",
+        timeout: float = 0.5,
+        retry_after: float = 5.0,
+    ) -> None:
+        self.redis = SafeRedis(url, prefix=prefix, timeout=timeout, retry_after=retry_after)
+        self.pending: dict[str, tuple[bytes, bytes]] = {}
+
+    def load(self, key: str) -> Artifacts | None:
+        self._flush()
+        name = self.redis.key("artifacts", key)
+        found = self.redis.call(lambda r: r.hmget(name, ["manifest", "tensors"]))
+        if not found or found[0] is None or found[1] is None:
+            return None
+        return decode(found[0], found[1], f"redis:{name}")
+
+    def save(self, key: str, artifacts: Artifacts) -> None:
+        self.pending[key] = encode(artifacts)
+        self._flush()
+
+    def _flush(self) -> None:
+        for key, (manifest, blob) in list(self.pending.items()):
+            name = self.redis.key("artifacts", key)
+            mapping = {"manifest": manifest, "tensors": blob}
+            if self.redis.call(lambda r, n=name, m=mapping: r.hset(n, mapping=m)) is None:
+                return  # still down: keep it pending
+            del self.pending[key]
+
+
+class TieredStore:
+    """Read through `stores` in order (a hit fills the earlier ones); write to all."""
+
+    def __init__(self, stores: list[ArtifactStore]) -> None:
+        self.stores = stores
+
+    def load(self, key: str) -> Artifacts | None:
+        for i, store in enumerate(self.stores):
+            found = store.load(key)
+            if found is not None:
+                for earlier in self.stores[:i]:
+                    earlier.save(key, found)
+                return found
+        return None
+
+    def save(self, key: str, artifacts: Artifacts) -> None:
+        for store in self.stores:
+            store.save(key, artifacts)

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from guardrail import datasets
-from guardrail.cache.artifacts import ArtifactStore, DirectoryStore
+from guardrail.cache.artifacts import ArtifactStore, DirectoryStore, RedisStore, TieredStore
 from guardrail.calibration import Calibration, SteeringSetting
 from guardrail.engine import steered_generate
 from guardrail.errors import CalibrationError, ModelError
@@ -346,8 +346,14 @@ def artifact_key(lm: LanguageModel, config: CalibrationConfig) -> str:
     return f"{lm.fingerprint}-{data}-v{SCHEMA_VERSION}"
 
 
-def default_store() -> DirectoryStore:
-    return DirectoryStore(cache_root() / "artifacts")
+def default_store(redis_url: str | None = None) -> ArtifactStore:
+    """The local artifact folder, backed by Redis when `redis_url` or `GUARDRAIL_REDIS_URL`
+    names one: calibration writes to both, and a worker on a warm Redis reads from it."""
+    from guardrail.cache.redis_backend import redis_url_from_env
+
+    local = DirectoryStore(cache_root() / "artifacts")
+    url = redis_url or redis_url_from_env()
+    return TieredStore([local, RedisStore(url)]) if url else local
 
 
 def load_or_calibrate(
