@@ -13,6 +13,7 @@ from guardrail.cache.artifacts import (
     TieredStore,
 )
 from guardrail.cache.scores import (
+    CachedScorer,
     CountingScores,
     DiskScores,
     MemoryScores,
@@ -24,6 +25,7 @@ from guardrail.cache.scores import (
 __all__ = [
     "ArtifactStore",
     "Artifacts",
+    "CachedScorer",
     "CountingScores",
     "DirectoryStore",
     "DiskScores",

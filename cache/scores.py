@@ -15,7 +15,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -149,6 +149,35 @@ class RedisScores:
             self.redis.call(write)
 
 
+class CachedScorer:
+    """A batched scorer behind a score cache: look every text up, compute the misses in one
+    call, store them. Scores are keyed by the scorer's name and fingerprint."""
+
+    def __init__(
+        self,
+        score: Callable[[Sequence[str]], Sequence[Scores]],
+        cache: ScoreCache,
+        *,
+        name: str,
+        fingerprint: str,
+    ) -> None:
+        self.score, self.cache, self.name, self.fingerprint = score, cache, name, fingerprint
+
+    def __call__(self, texts: Sequence[str]) -> list[Scores]:
+        keys = [score_key(self.name, self.fingerprint, text) for text in texts]
+        found = self.cache.get_many(keys)
+        todo: dict[str, str] = {}  # a text repeated within the call is scored once
+        for key, text, value in zip(keys, texts, found, strict=True):
+            if value is None:
+                todo.setdefault(key, text)
+        fresh: dict[str, Scores] = {}
+        if todo:
+            computed = self.score(list(todo.values()))
+            fresh = {key: [float(x) for x in v] for key, v in zip(todo, computed, strict=True)}
+            self.cache.put_many(fresh)
+        return [fresh[key] if v is None else v for key, v in zip(keys, found, strict=True)]
+
+
 class CountingScores:
     """Wraps a cache and counts hits and misses (benchmarks, metrics)."""
 
@@ -172,6 +201,7 @@ class CountingScores:
 
 
 __all__ = [
+    "CachedScorer",
     "CountingScores",
     "DiskScores",
     "MemoryScores",

@@ -154,7 +154,8 @@ def calibrate(
         "steering_search": search_table,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    return Calibration(gate, srv_gate, ssvs, steering, meets, manifest)
+    harmless_scores = gate.read(acts["harmless", "select"])
+    return Calibration(gate, srv_gate, ssvs, steering, meets, manifest, harmless_scores)
 
 
 def _unit(vectors: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 
 from guardrail.cache.artifacts import Artifacts
 from guardrail.errors import CalibrationError
-from guardrail.gate import Gate
+from guardrail.gate import Gate, threshold_at_fpr
 
 SCHEMA_VERSION = 2  # bump when the calibration procedure or layout changes
 SOURCES = ("srv", "refusal", "aligned")
@@ -51,6 +51,17 @@ class Calibration:
     steering: SteeringSetting | None
     steering_meets_target: bool
     manifest: dict[str, Any] = field(default_factory=dict)
+    harmless_scores: torch.Tensor | None = None  # the gate on harmless `select` prompts
+
+    def threshold_at(self, target_fpr: float) -> float:
+        """The gate threshold that lets `target_fpr` of harmless prompts fire (a tenant's own
+        target), measured on the same held-aside prompts as the calibrated threshold."""
+        if self.harmless_scores is None:
+            raise CalibrationError(
+                "these calibration artifacts carry no harmless gate scores, so a tenant's "
+                "gate.target_fpr cannot be applied; recalibrate (guardrail calibrate --force)"
+            )
+        return threshold_at_fpr(self.harmless_scores, target_fpr)
 
     def steering_vectors(self, setting: SteeringSetting | None = None) -> dict[int, torch.Tensor]:
         setting = setting or self.steering
@@ -63,6 +74,8 @@ class Calibration:
     def to_artifacts(self) -> Artifacts:
         tensors = {"gate.weight": self.gate.weight, "srv_gate.weight": self.srv_gate.weight}
         tensors.update({f"ssv.{k}": v for k, v in self.ssvs.items()})
+        if self.harmless_scores is not None:
+            tensors["gate.harmless_scores"] = self.harmless_scores
         manifest = {
             **self.manifest,
             "schema_version": SCHEMA_VERSION,
@@ -88,6 +101,7 @@ class Calibration:
                 steering=SteeringSetting.from_dict(m["steering"]) if m["steering"] else None,
                 steering_meets_target=bool(m["steering_meets_target"]),
                 manifest=m,
+                harmless_scores=t.get("gate.harmless_scores"),
             )
         except (KeyError, TypeError) as exc:
             raise CalibrationError(f"incomplete calibration artifacts: missing {exc}") from exc

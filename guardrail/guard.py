@@ -29,7 +29,7 @@ from asyncio_throttle.throttler import Throttler
 
 from guardrail.calibration import Calibration
 from guardrail.engine import DEFAULT_REFUSAL, Answer, Decision, OnFire
-from guardrail.errors import InputError, OverloadedError, ShutdownError
+from guardrail.errors import CalibrationError, InputError, OverloadedError, ShutdownError
 from guardrail.generate import Sampling
 from guardrail.model import LanguageModel, Message
 from guardrail.policy import Policy
@@ -55,7 +55,8 @@ class TenantPolicy:
     timeout: float | None = None  # seconds from submission
     sampling: Sampling = field(default_factory=Sampling)
     allow_unguarded: bool = False  # may a caller switch the guard off (benchmarks, the CLI)?
-    gate_threshold: float | None = None  # None: the calibrated threshold
+    gate_threshold: float | None = None  # None: from gate_target_fpr, or the calibrated one
+    gate_target_fpr: float | None = None
     max_input_tokens: int | None = None
     requests_per_second: float | None = None  # None: unlimited
     burst: int = 1
@@ -73,6 +74,7 @@ class TenantPolicy:
             ),
             allow_unguarded=policy.allow_unguarded,
             gate_threshold=policy.gate.threshold,
+            gate_target_fpr=policy.gate.target_fpr,
             max_input_tokens=limits.max_input_tokens,
             requests_per_second=limits.requests_per_second,
             burst=limits.burst,
@@ -286,9 +288,18 @@ class Guard:
             refusal_text=policy.refusal_text,
             deadline=None if timeout is None else time.monotonic() + float(timeout),
             tenant=tenant,
-            gate_threshold=policy.gate_threshold,
+            gate_threshold=self._gate_threshold(policy),
             max_input_tokens=policy.max_input_tokens,
         )
+
+    def _gate_threshold(self, policy: TenantPolicy) -> float | None:
+        if policy.gate_threshold is not None or policy.gate_target_fpr is None:
+            return policy.gate_threshold
+        calibration = getattr(self.worker, "calibration", None)
+        if calibration is None:
+            raise CalibrationError("gate.target_fpr needs a calibrated worker")
+        threshold: float = calibration.threshold_at(policy.gate_target_fpr)
+        return threshold
 
     def _throttler(self, tenant: str) -> Throttler | None:
         """One throttler per tenant, renewed when the tenant's policy changes."""

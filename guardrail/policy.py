@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from guardrail.errors import GuardrailError
 
@@ -26,9 +33,22 @@ class _Strict(BaseModel):
 
 
 class GatePolicy(_Strict):
-    threshold: float | None = Field(
-        None, description="explicit gate threshold; null: the calibrated one"
+    target_fpr: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="share of harmless prompts allowed to fire, set on calibration's held-aside "
+        "harmless prompts; null: the calibrated target (1%)",
     )
+    threshold: float | None = Field(
+        None, description="explicit gate threshold; null: from target_fpr or calibration"
+    )
+
+    @model_validator(mode="after")
+    def _one_of(self) -> GatePolicy:
+        if self.target_fpr is not None and self.threshold is not None:
+            raise ValueError("give gate.target_fpr or gate.threshold, not both")
+        return self
 
 
 class SteeringPolicy(_Strict):

@@ -14,7 +14,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import torch
 from guardrail.cache import (
     Artifacts,
     ArtifactStore,
+    CachedScorer,
     CountingScores,
     DirectoryStore,
     DiskScores,
@@ -226,6 +227,24 @@ def test_counting_scores_hit_rate() -> None:
     cache.put_many({k: [float(i)] for i, k in enumerate(keys[:2])})
     assert cache.get_many(keys) == [[0.0], [1.0], None, None]
     assert (cache.hits, cache.misses) == (2, 6) and cache.hit_rate == 0.25
+
+
+def test_cached_scorer_computes_each_miss_once(prefix: str) -> None:
+    calls: list[list[str]] = []
+
+    def length(texts: Sequence[str]) -> list[list[float]]:
+        calls.append(list(texts))
+        return [[float(len(t))] for t in texts]
+
+    shared = RedisScores(SHARED_URL, prefix=prefix)
+    scorer = CachedScorer(length, CountingScores(shared), name="len", fingerprint="v1")
+    assert scorer(["ab", "c", "ab"]) == [[2.0], [1.0], [2.0]]
+    assert scorer(["c", "xyz"]) == [[1.0], [3.0]]
+    assert calls == [["ab", "c"], ["xyz"]]
+    other_worker = CachedScorer(length, shared, name="len", fingerprint="v1")
+    assert other_worker(["xyz", "ab"]) == [[3.0], [2.0]] and len(calls) == 2
+    CachedScorer(length, shared, name="len", fingerprint="v2")(["ab"])
+    assert calls[-1] == ["ab"]  # another scorer version never reuses these scores
 
 
 def test_outage_mid_run_loses_nothing(

@@ -14,9 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from test_worker import hand_calibration
 
 from conftest import _tiny
+from guardrail.calibration import Calibration
+from guardrail.errors import CalibrationError
 from guardrail.guard import Guard
 from guardrail.policy import Policy, PolicyError, check_policies, default_policy, load_policy
 from guardrail.tenants import PolicyStore, UnknownTenantError
@@ -61,6 +64,8 @@ def test_extends_merges_nested_fields_and_never_inherits_the_tenant(tmp_path: Pa
         ("extends: nowhere\n", "extends: no policy file"),
         ("- just\n- a list\n", "must be a mapping"),
         ("extends: default\nrefusal_text: '  '\n", "refusal_text: Value error, must not be blank"),
+        ("extends: default\ngate:\n  target_fpr: 1.5\n", "gate.target_fpr: Input should be less"),
+        ("extends: default\ngate:\n  target_fpr: 0.1\n  threshold: 2\n", "not both"),
     ],
 )
 def test_bad_policy_names_file_line_and_field(tmp_path: Path, text: str, needle: str) -> None:
@@ -213,5 +218,26 @@ def test_max_input_tokens_and_unknown_tenant(tiny_llama: Any, two_tenants: Path)
             guard.generate_sync("word " * 200, tenant="lenient")
         with pytest.raises(UnknownTenantError, match="nobody"):
             guard.generate_sync("hi", tenant="nobody")
+    finally:
+        guard.close()
+
+
+def test_target_fpr_sets_the_tenant_threshold_on_held_aside_harmless_scores(
+    tiny_llama: Any, tmp_path: Path
+) -> None:
+    write(tmp_path, "picky.yaml", "extends: default\ngate:\n  target_fpr: 0.1\n")
+    calibration = hand_calibration(tiny_llama)
+    calibration.harmless_scores = torch.arange(100.0)  # 90..99 lie above the threshold
+    guard = Guard(worker=LocalWorker(tiny_llama, calibration), policies=tmp_path)
+    try:
+        assert guard.request("hi", tenant="picky").gate_threshold == 89.0
+        assert guard.request("hi", tenant="default").gate_threshold is None  # the calibrated one
+        answer = guard.generate_sync("hi", tenant="picky")
+        assert answer.decision.threshold == 89.0 and not answer.decision.fired
+        restored = Calibration.from_artifacts(calibration.to_artifacts())
+        assert restored.threshold_at(0.1) == 89.0
+        calibration.harmless_scores = None  # artifacts from before the field: a clear error
+        with pytest.raises(CalibrationError, match="recalibrate"):
+            guard.request("hi", tenant="picky")
     finally:
         guard.close()

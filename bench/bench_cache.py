@@ -1,0 +1,130 @@
+"""Caches: worker start on a warm Redis against cold calibration; score-cache hit rates.
+
+    .venv/bin/python bench/bench_cache.py [--redis-url redis://127.0.0.1:6379/0]
+
+Part 1 starts a worker three ways, each from an empty local artifact folder unless named:
+cold (calibrates, writing to disk and Redis), warm Redis (a fresh disk, the artifacts read
+from Redis), warm disk (the folder the cold start filled). A start is: load the model, load
+or make the calibration, start the worker and answer one request.
+
+Part 2 replays a repeated workload (requests drawn with a skew from a pool of distinct
+prompt-answer pairs) through a batched scorer behind each score-cache backend and reports
+the hit rate and the scoring time against no cache. The scorer is the calibrated probe read
+on the answer text, a stand-in with the cost of a real forward pass: the cost model of the
+InferenceGuard issue will sit behind the same `CachedScorer`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from common import advbench_test, table
+from guardrail.cache import (
+    CachedScorer,
+    CountingScores,
+    DirectoryStore,
+    DiskScores,
+    MemoryScores,
+    RedisScores,
+    RedisStore,
+    TieredStore,
+)
+from guardrail.calibrate import load_or_calibrate
+from guardrail.guard import Guard
+from guardrail.model import EMBEDDED_DEFAULT, load_model
+
+
+def start_worker(model: str, store: Any) -> tuple[float, Any, Any]:
+    started = time.perf_counter()
+    lm = load_model(model)
+    calibration = load_or_calibrate(lm, store=store, progress=False)
+    guard = Guard(lm, calibration)
+    try:
+        guard.generate_sync("Say hello.", max_new_tokens=4)
+    finally:
+        guard.close()
+    return time.perf_counter() - started, lm, calibration
+
+
+def workload(pool: Sequence[str], requests: int, seed: int = 0) -> list[str]:
+    """Requests with a Zipf-like skew over the pool: popular prompts come back often."""
+    weights = [1.0 / (rank + 1) for rank in range(len(pool))]
+    return random.Random(seed).choices(list(pool), weights=weights, k=requests)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=EMBEDDED_DEFAULT)
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--distinct", type=int, default=64, help="pool of distinct texts")
+    parser.add_argument("--requests", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=16, help="texts scored per call")
+    args = parser.parse_args()
+    redis.Redis.from_url(args.redis_url).ping()  # fail loudly: the bench is about Redis
+    prefix = f"guardrail-bench-{uuid.uuid4().hex[:8]}"
+
+    with tempfile.TemporaryDirectory() as tmp:
+        shared = RedisStore(args.redis_url, prefix=prefix)
+        cold_disk = DirectoryStore(Path(tmp) / "cold")
+        cold, lm, calibration = start_worker(args.model, TieredStore([cold_disk, shared]))
+        warm_disk = DirectoryStore(Path(tmp) / "warm")
+        warm_redis, _, _ = start_worker(args.model, TieredStore([warm_disk, shared]))
+        local, _, _ = start_worker(args.model, cold_disk)
+        starts = [
+            ["cold calibration", cold, 1.0],
+            ["warm Redis, empty disk", warm_redis, cold / warm_redis],
+            ["warm local disk", local, cold / local],
+        ]
+        print(table(["worker start", "seconds", "speed-up vs cold"], starts))
+
+        gate = calibration.gate
+
+        def probe(texts: Sequence[str]) -> list[list[float]]:
+            from guardrail.vectors import last_token_states
+
+            states = last_token_states(lm, texts)[:, list(gate.layers)]
+            return [[float(s)] for s in gate.scores(states)]
+
+        pool = [f"{p}\n\nSure, here is how: step one." for p in advbench_test()[: args.distinct]]
+        texts = workload(pool, args.requests)
+        backends: dict[str, Any] = {
+            "memory": MemoryScores(),
+            "disk": DiskScores(Path(tmp) / "scores"),
+            "redis": RedisScores(args.redis_url, prefix=prefix),
+        }
+        rows: list[list[Any]] = []
+        baseline = 0.0
+        for name in ["none", *backends]:
+            started = time.perf_counter()
+            counter = CountingScores(backends[name]) if name != "none" else None
+            scorer = (
+                CachedScorer(probe, counter, name="probe", fingerprint=lm.fingerprint)
+                if counter
+                else probe
+            )
+            for i in range(0, len(texts), args.batch):
+                scorer(texts[i : i + args.batch])
+            seconds = time.perf_counter() - started
+            baseline = baseline or seconds
+            hit_rate = counter.hit_rate if counter else 0.0
+            rows.append([name, hit_rate, seconds, baseline / seconds])
+        print()
+        print(f"{args.requests} scored texts, {len(set(texts))} distinct, batches of {args.batch}")
+        print(table(["score cache", "hit rate", "seconds", "speed-up vs none"], rows))
+        client = redis.Redis.from_url(args.redis_url)
+        keys = list(client.scan_iter(f"{prefix}:*"))
+        if keys:
+            client.delete(*keys)
+
+
+if __name__ == "__main__":
+    main()
