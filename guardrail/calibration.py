@@ -68,7 +68,13 @@ class Calibration:
         if setting is None:
             return {}
         if setting.source not in self.ssvs:
-            raise CalibrationError(f"no steering vectors from source {setting.source!r}")
+            known = ", ".join(sorted(self.ssvs))
+            raise CalibrationError(
+                f"no steering vectors from source {setting.source!r} (calibrated: {known})"
+            )
+        depth = len(self.ssvs[setting.source])
+        if bad := [layer for layer in setting.layers if not 0 <= layer < depth]:
+            raise CalibrationError(f"steering layers {bad} outside the model's 0..{depth - 1}")
         return {layer: self.ssvs[setting.source][layer] for layer in setting.layers}
 
     def to_artifacts(self) -> Artifacts:

@@ -52,11 +52,19 @@ class Answer:
     decision: Decision
 
 
-def resolve_action(calibration: Calibration | None, on_fire: OnFire) -> Literal["steer", "refuse"]:
-    """What a fired row gets: `auto` steers only if calibration met the refusal target."""
+def resolve_action(
+    calibration: Calibration | None,
+    on_fire: OnFire,
+    steering: SteeringSetting | Literal["calibrated"] | None = "calibrated",
+) -> Literal["steer", "refuse"]:
+    """What a fired row gets: `auto` steers only if calibration met the refusal target.
+
+    `steering` is the setting the row would get (default: the calibrated one).
+    """
     if on_fire not in ("auto", "steer", "refuse"):
         raise ValueError(f"on_fire must be auto, steer or refuse, got {on_fire!r}")
-    steering = calibration.steering if calibration else None
+    if steering == "calibrated":
+        steering = calibration.steering if calibration else None
     if on_fire == "auto":
         meets = calibration is not None and calibration.steering_meets_target
         return "steer" if meets and steering else "refuse"

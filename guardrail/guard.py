@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from asyncio_throttle.throttler import Throttler
 
-from guardrail.calibration import Calibration
+from guardrail.calibration import Calibration, SteeringSetting
 from guardrail.engine import DEFAULT_REFUSAL, Answer, Decision, OnFire
 from guardrail.errors import CalibrationError, InputError, OverloadedError, ShutdownError
 from guardrail.generate import Sampling
@@ -57,6 +57,9 @@ class TenantPolicy:
     allow_unguarded: bool = False  # may a caller switch the guard off (benchmarks, the CLI)?
     gate_threshold: float | None = None  # None: from gate_target_fpr, or the calibrated one
     gate_target_fpr: float | None = None
+    steering_source: str | None = None  # None for each: the calibrated choice
+    steering_layers: tuple[int, ...] | None = None
+    steering_strength: float | None = None
     max_input_tokens: int | None = None
     requests_per_second: float | None = None  # None: unlimited
     burst: int = 1
@@ -64,7 +67,7 @@ class TenantPolicy:
 
     @classmethod
     def from_policy(cls, policy: Policy) -> TenantPolicy:
-        gen, limits = policy.generation, policy.limits
+        gen, limits, steer = policy.generation, policy.limits, policy.steering
         return cls(
             on_fire=policy.on_fire,
             refusal_text=policy.refusal_text,
@@ -75,6 +78,9 @@ class TenantPolicy:
             allow_unguarded=policy.allow_unguarded,
             gate_threshold=policy.gate.threshold,
             gate_target_fpr=policy.gate.target_fpr,
+            steering_source=None if steer.source == "auto" else steer.source,
+            steering_layers=None if steer.layers == "auto" else tuple(steer.layers),
+            steering_strength=None if steer.strength == "auto" else steer.strength,
             max_input_tokens=limits.max_input_tokens,
             requests_per_second=limits.requests_per_second,
             burst=limits.burst,
@@ -289,17 +295,42 @@ class Guard:
             deadline=None if timeout is None else time.monotonic() + float(timeout),
             tenant=tenant,
             gate_threshold=self._gate_threshold(policy),
+            steering=self._steering(policy),
             max_input_tokens=policy.max_input_tokens,
         )
+
+    def _calibration(self, needs: str) -> Calibration:
+        calibration = getattr(self.worker, "calibration", None)
+        if not isinstance(calibration, Calibration):
+            raise CalibrationError(f"{needs} needs a calibrated worker")
+        return calibration
 
     def _gate_threshold(self, policy: TenantPolicy) -> float | None:
         if policy.gate_threshold is not None or policy.gate_target_fpr is None:
             return policy.gate_threshold
-        calibration = getattr(self.worker, "calibration", None)
-        if calibration is None:
-            raise CalibrationError("gate.target_fpr needs a calibrated worker")
-        threshold: float = calibration.threshold_at(policy.gate_target_fpr)
-        return threshold
+        return self._calibration("gate.target_fpr").threshold_at(policy.gate_target_fpr)
+
+    def _steering(self, policy: TenantPolicy) -> SteeringSetting | None:
+        """The tenant's steering setting, its `auto` parts from calibration; None: all auto."""
+        given = (policy.steering_source, policy.steering_layers, policy.steering_strength)
+        if given == (None, None, None):
+            return None
+        calibration = self._calibration("a tenant's steering setting")
+        base = calibration.steering
+        if base is None and None in given:
+            raise CalibrationError(
+                "calibration chose no steering setting: a tenant's steering needs source, "
+                "layers and strength"
+            )
+        fallback = base or SteeringSetting("", (), 0.0)  # all three given when no base
+        strength = policy.steering_strength
+        setting = SteeringSetting(
+            policy.steering_source or fallback.source,
+            policy.steering_layers or fallback.layers,
+            fallback.strength if strength is None else strength,
+        )
+        calibration.steering_vectors(setting)  # unknown source or layer: an error here
+        return setting
 
     def _throttler(self, tenant: str) -> Throttler | None:
         """One throttler per tenant, renewed when the tenant's policy changes."""

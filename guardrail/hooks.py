@@ -53,7 +53,8 @@ class Steering:
 
     `coefficients` holds one value per batch row; a row with 0 is left bit-for-bit untouched,
     so steered and unsteered requests can share one batch. Set it before each forward pass
-    whose batch size changes.
+    whose batch size changes. A layer's vector is [hidden] (shared by all rows) or
+    [rows, hidden] (each row its own, so tenants with other steering share the batch).
     """
 
     def __init__(self, vectors: Mapping[int, torch.Tensor]) -> None:
@@ -68,6 +69,8 @@ class Steering:
             hidden = _hidden(output)
             rows = coef.nonzero().squeeze(-1)
             vector = self.vectors[layer].to(hidden.dtype)
+            if vector.dim() == 2:  # one vector per row
+                vector = vector[rows][:, None, :]
             shift = coef[rows].to(hidden.dtype)[:, None, None] * vector
             steered = hidden.clone()
             steered[rows] = hidden[rows] + shift

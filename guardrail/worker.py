@@ -39,7 +39,7 @@ from typing import Protocol
 
 import torch
 
-from guardrail.calibration import Calibration
+from guardrail.calibration import Calibration, SteeringSetting
 from guardrail.engine import DEFAULT_REFUSAL, Answer, Decision, OnFire, resolve_action
 from guardrail.errors import GuardrailError, InputError, OverloadedError, ShutdownError
 from guardrail.generate import (
@@ -80,6 +80,7 @@ class Request:
     tenant: str = "default"
     gate_threshold: float | None = None  # the tenant's own; None: the calibrated one
     max_input_tokens: int | None = None  # longer prompts fail with InputError
+    steering: SteeringSetting | None = None  # the tenant's own; None: the calibrated one
 
 
 class Sink(Protocol):
@@ -130,6 +131,7 @@ class _Job:
     released_tokens: int = 0
     released_text: str = ""
     coefficient: float = 0.0
+    steering: SteeringSetting | None = None
     generator: torch.Generator | None = None
     decision: Decision | None = None
     admitted: float = 0.0
@@ -188,10 +190,8 @@ class LocalWorker:
         self._jobs: list[_Job] = []
         self._state: Prefilled | None = None
         self._eos = set(lm.eos_token_ids)
-        setting = calibration.steering if calibration else None
-        self._steering = (
-            Steering(calibration.steering_vectors(setting)) if calibration and setting else None
-        )
+        self._calibrated_steering = calibration.steering if calibration else None
+        self._vectors: dict[SteeringSetting, dict[int, torch.Tensor]] = {}
         self._thread = threading.Thread(target=self._run, name="guardrail-worker", daemon=True)
         if start:
             self.start()
@@ -362,15 +362,12 @@ class LocalWorker:
             )
             if not hit:
                 plain.append(row)
-            elif (
-                resolve_action(self.calibration, request.on_fire) == "steer"
-                and self._steering is not None
-                and self.calibration
-            ):
-                setting = self.calibration.steering
+            elif (setting := request.steering or self._calibrated_steering) and resolve_action(
+                self.calibration, request.on_fire, setting
+            ) == "steer":
                 job.decision.path = "steered"
-                job.decision.steering = setting.as_dict() if setting else None
-                job.coefficient = setting.strength if setting else 0.0
+                job.decision.steering = setting.as_dict()
+                job.coefficient, job.steering = setting.strength, setting
                 steered.append(row)
             else:
                 job.decision.path = "refused"
@@ -380,12 +377,10 @@ class LocalWorker:
         if not rows:
             return
         new_state = select_rows(state, plain) if plain else None
-        if steered and self._steering is not None:
-            self._steering.coefficients = torch.tensor(
-                [group[i].coefficient for i in steered], device=lm.device
-            )
+        if steered:
+            steering = self._steering([group[i] for i in steered])
             steered_started = time.monotonic()
-            with self._steering.applied(lm.model):
+            with steering.applied(lm.model):
                 steered_state = prefill(lm, [group[i].prompt for i in steered])
             steered_ms = 1000 * (time.monotonic() - steered_started)
             for i in steered:
@@ -439,13 +434,34 @@ class LocalWorker:
             picked = picked[keep]
             jobs = [jobs[i] for i in keep]
         self._jobs = jobs
-        coefficients = [job.coefficient for job in jobs]
-        if self._steering is not None and any(coefficients):
-            self._steering.coefficients = torch.tensor(coefficients, device=self.lm.device)
-            with self._steering.applied(self.lm.model):
+        if any(job.coefficient for job in jobs):
+            with self._steering(jobs).applied(self.lm.model):
                 self._state = decode_step(self.lm, state, picked)
         else:
             self._state = decode_step(self.lm, state, picked)
+
+    def _steering(self, jobs: list[_Job]) -> Steering:
+        """Each row's own steering vectors (its tenant's setting) on the union of their layers;
+        rows that are not steered, or not at a layer, get a zero vector there."""
+        assert self.calibration is not None
+        for job in jobs:
+            if job.steering is not None and job.steering not in self._vectors:
+                self._vectors[job.steering] = self.calibration.steering_vectors(job.steering)
+        per_row = [self._vectors[job.steering] if job.steering else {} for job in jobs]
+        layers = sorted({layer for vectors in per_row for layer in vectors})
+        zero = torch.zeros(self.lm.hidden_size)
+        steering = Steering(
+            {
+                layer: torch.stack([vectors.get(layer, zero) for vectors in per_row]).to(
+                    self.lm.device
+                )
+                for layer in layers
+            }
+        )
+        steering.coefficients = torch.tensor(
+            [job.coefficient for job in jobs], device=self.lm.device
+        )
+        return steering
 
     # --- row outcomes --------------------------------------------------------------------------
 

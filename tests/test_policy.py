@@ -241,3 +241,43 @@ def test_target_fpr_sets_the_tenant_threshold_on_held_aside_harmless_scores(
             guard.request("hi", tenant="picky")
     finally:
         guard.close()
+
+
+def test_tenant_steering_applies_per_row_in_a_mixed_batch(tiny_llama: Any, tmp_path: Path) -> None:
+    """Each fired row is steered with its own tenant's layers and strength, in one batch, and
+    answers exactly as it does alone; a setting the calibration cannot serve is an error."""
+    common = "extends: default\non_fire: steer\ngate:\n  threshold: -1.0e9\n"
+    write(tmp_path, "mild.yaml", common + "steering:\n  strength: 0.5\n")
+    write(tmp_path, "deep.yaml", common + "steering:\n  layers: [0, 1]\n  strength: 8.0\n")
+    write(tmp_path, "plain.yaml", "extends: default\ngate:\n  threshold: 1.0e9\n")
+    write(tmp_path, "broken.yaml", common + "steering:\n  layers: [99]\n")
+    guard = Guard(
+        worker=LocalWorker(tiny_llama, hand_calibration(tiny_llama), max_wait=0.2),
+        policies=tmp_path,
+    )
+    calls = [(t, f"tell me about number {i}") for i in range(3) for t in ("mild", "deep", "plain")]
+
+    async def together() -> list[Any]:
+        return list(
+            await asyncio.gather(*(guard.generate(p, tenant=t, max_new_tokens=8) for t, p in calls))
+        )
+
+    try:
+        mixed = asyncio.run(together())
+        assert guard.worker.stats.max_rows > 3  # type: ignore[attr-defined]
+        for (tenant, prompt), answer in zip(calls, mixed, strict=True):
+            steering = answer.decision.steering
+            if tenant == "plain":
+                assert answer.decision.path == "plain" and steering is None
+            else:
+                assert answer.decision.path == "steered"
+                expected = {"mild": ([1], 0.5), "deep": ([0, 1], 8.0)}[tenant]
+                assert (steering["layers"], steering["strength"]) == expected
+            alone = guard.generate_sync(prompt, tenant=tenant, max_new_tokens=8)
+            assert alone.text == answer.text, tenant
+        texts = {t: a.text for (t, _), a in zip(calls, mixed, strict=True)}
+        assert len(set(texts.values())) == 3  # the three settings really differ
+        with pytest.raises(CalibrationError, match=r"layers \[99\]"):
+            guard.request("hi", tenant="broken")
+    finally:
+        guard.close()
