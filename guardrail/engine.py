@@ -37,6 +37,7 @@ class Decision:
     gate_layers: list[int] | None = None
     steering: dict[str, Any] | None = None
     new_tokens: int = 0
+    prompt_tokens: int = 0
     timings_ms: dict[str, float] = field(default_factory=dict)
     model: str = ""
     tenant: str | None = None

@@ -43,7 +43,18 @@ GuardResult = Answer  # `.text` and `.decision` (the decision record)
 _DEADLINE_GRACE_S = 0.25
 
 _LANGCHAIN_ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool"}
-_OVERRIDES = frozenset({"max_new_tokens", "temperature", "top_p", "seed", "timeout", "guarded"})
+_OVERRIDES = frozenset(
+    {
+        "max_new_tokens",
+        "temperature",
+        "top_p",
+        "seed",
+        "timeout",
+        "guarded",
+        "stop",
+        "response_prefix",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -286,6 +297,12 @@ class Guard:
         if not guarded and not policy.allow_unguarded:
             raise InputError(f"tenant {tenant!r} may not switch the guard off")
         timeout = overrides.get("timeout", policy.timeout)
+        stop = overrides.get("stop") or ()
+        if isinstance(stop, str) or not all(isinstance(s, str) and s for s in stop):
+            raise InputError(f"stop must be a list of non-empty strings, got {stop!r}")
+        prefix = overrides.get("response_prefix", "")
+        if not isinstance(prefix, str):
+            raise InputError(f"response_prefix must be a string, got {type(prefix).__name__}")
         return Request(
             chat=to_messages(messages),
             sampling=sampling,
@@ -297,6 +314,8 @@ class Guard:
             gate_threshold=self._gate_threshold(policy),
             steering=self._steering(policy),
             max_input_tokens=policy.max_input_tokens,
+            response_prefix=prefix,
+            stop=tuple(stop),
         )
 
     def _calibration(self, needs: str) -> Calibration:

@@ -93,18 +93,26 @@ class Recorder:
     """Keep the hidden state of the last position at chosen layers, one tensor per forward pass.
 
     The last position of a left-padded prompt is its last real token, which is what the gate
-    and the safety-related vectors read. `all_positions=True` keeps every position instead.
+    and the safety-related vectors read. `offsets[row]` reads that many positions earlier
+    (a prompt followed by a response prefix); `all_positions=True` keeps every position.
     """
 
     def __init__(self, layers: Sequence[int], *, all_positions: bool = False) -> None:
         self.layers = list(layers)
         self.all_positions = all_positions
+        self.offsets: torch.Tensor | None = None
         self.states: dict[int, torch.Tensor] = {}
 
     def _hook(self, layer: int) -> Any:
         def hook(_module: nn.Module, _args: Any, output: Any) -> None:
             hidden = _hidden(output).detach()
-            self.states[layer] = hidden if self.all_positions else hidden[:, -1, :]
+            if self.all_positions:
+                self.states[layer] = hidden
+            elif self.offsets is not None:
+                rows = torch.arange(hidden.shape[0], device=hidden.device)
+                self.states[layer] = hidden[rows, -1 - self.offsets.to(hidden.device)]
+            else:
+                self.states[layer] = hidden[:, -1, :]
 
         return hook
 

@@ -81,6 +81,10 @@ class Request:
     gate_threshold: float | None = None  # the tenant's own; None: the calibrated one
     max_input_tokens: int | None = None  # longer prompts fail with InputError
     steering: SteeringSetting | None = None  # the tenant's own; None: the calibrated one
+    # The answer starts with this text, written by the caller (a pre-started tool call): the
+    # gate reads the prompt before it and the answer excludes it.
+    response_prefix: str = ""
+    stop: tuple[str, ...] = ()  # the answer ends before the first of these
 
 
 class Sink(Protocol):
@@ -132,6 +136,7 @@ class _Job:
     released_text: str = ""
     coefficient: float = 0.0
     steering: SteeringSetting | None = None
+    gate_offset: int = 0  # tokens of response prefix after the prompt's last token
     generator: torch.Generator | None = None
     decision: Decision | None = None
     admitted: float = 0.0
@@ -314,8 +319,12 @@ class LocalWorker:
         for job in group:
             job.prompt = lm.format_chat(job.request.chat)
             job.admitted = started
+            n = len(lm.tokenizer(job.prompt).input_ids)
+            if job.request.response_prefix:
+                job.prompt += job.request.response_prefix
+                job.gate_offset = len(lm.tokenizer(job.prompt).input_ids) - n
             limit = job.request.max_input_tokens
-            if limit is not None and (n := len(lm.tokenizer(job.prompt).input_ids)) > limit:
+            if limit is not None and n > limit:
                 self._fail(job, InputError(f"the prompt has {n} tokens; the limit is {limit}"))
                 continue
             fits.append(job)
@@ -327,6 +336,8 @@ class LocalWorker:
             return
         gate = self.calibration.gate if self.calibration else None
         recorder = Recorder(gate.layers if gate else [])
+        if any(job.gate_offset for job in group):
+            recorder.offsets = torch.tensor([job.gate_offset for job in group])
         with recorder.applied(lm.model):
             state = prefill(lm, [job.prompt for job in group])
         scores: list[float | None] = [None] * len(group)
@@ -359,6 +370,7 @@ class LocalWorker:
                 },
                 model=lm.fingerprint,
                 tenant=request.tenant,
+                prompt_tokens=int(state.attention_mask[row].sum()),
             )
             if not hit:
                 plain.append(row)
@@ -418,7 +430,7 @@ class LocalWorker:
                 self._complete(job)
                 continue
             job.tokens.append(int(token))
-            if len(job.tokens) >= job.request.sampling.max_new_tokens:
+            if len(job.tokens) >= job.request.sampling.max_new_tokens or self._stopped(job):
                 self._complete(job)
             elif len(job.tokens) - job.released_tokens >= self.chunk_tokens:
                 if self._release(job, final=False):
@@ -465,13 +477,34 @@ class LocalWorker:
 
     # --- row outcomes --------------------------------------------------------------------------
 
-    def _release(self, job: _Job, *, final: bool) -> bool:
-        """Check the pending chunk and release it; on rejection end the row with the refusal."""
-        if len(job.tokens) == job.released_tokens:
-            return True
+    def _text(self, job: _Job, *, final: bool) -> str:
+        """The answer so far: cut before a stop sequence, and (mid-answer) holding back a
+        split character or what may be the start of a stop sequence."""
         text = str(self.lm.tokenizer.decode(job.tokens, skip_special_tokens=True))
         if not final:
             text = text.rstrip("\ufffd")  # a character split across tokens waits for the rest
+        stops = job.request.stop
+        if stops:
+            cut = min((i for s in stops if (i := text.find(s)) >= 0), default=-1)
+            if cut >= 0:
+                return text[:cut]
+            if not final:
+                keep = len(text) - max(len(s) for s in stops) + 1
+                text = text[: max(keep, len(job.released_text))]
+        return text
+
+    def _stopped(self, job: _Job) -> bool:
+        stops = job.request.stop
+        if not stops:
+            return False
+        text = str(self.lm.tokenizer.decode(job.tokens, skip_special_tokens=True))
+        return any(s in text for s in stops)
+
+    def _release(self, job: _Job, *, final: bool) -> bool:
+        """Check the pending chunk and release it; on rejection end the row with the refusal."""
+        if len(job.tokens) == job.released_tokens and not final:
+            return True
+        text = self._text(job, final=final)
         chunk = text[len(job.released_text) :]
         try:
             passed, reason = (

@@ -332,3 +332,40 @@ def test_event_loop_stays_responsive(llama: Any, llama_cal: Calibration) -> None
 
     assert asyncio.run(main()) < 0.5  # the loop never waits on a model step
     guard.close()
+
+
+def test_stop_sequences_cut_the_answer_and_the_stream(llama: Any, llama_cal: Calibration) -> None:
+    guard = Guard(worker=LocalWorker(llama, llama_cal, chunk_tokens=2))
+    guard.policies["default"] = TenantPolicy(allow_unguarded=True)
+    try:
+        full = guard.generate_sync(PROMPTS[2], max_new_tokens=24, guarded=False).text
+        words = full.split()
+        assert len(words) > 4
+        stop = words[len(words) // 2]
+        expected = full[: full.find(stop)].strip()
+        cut = guard.generate_sync(PROMPTS[2], max_new_tokens=24, guarded=False, stop=[stop, "zzz"])
+        assert cut.text == expected and cut.decision.new_tokens < 24
+        stream = guard.stream_sync(PROMPTS[2], max_new_tokens=24, guarded=False, stop=[stop])
+        streamed = "".join(stream)
+        assert stop not in streamed and streamed.strip() == expected
+        with pytest.raises(InputError, match="stop must be"):
+            guard.generate_sync("hi", stop="x")
+    finally:
+        guard.close()
+
+
+def test_response_prefix_keeps_the_gate_on_the_prompt(llama: Any, llama_cal: Calibration) -> None:
+    """The gate reads the prompt's last token, not the prefix; the answer continues the prefix."""
+    worker = LocalWorker(llama, llama_cal, start=False)
+    prefix = '<tool_call>\n{"name": "f", "arguments": {"x": '
+    requests = [
+        Request(p, Sampling(max_new_tokens=4), response_prefix=prefix if i % 2 else "")
+        for p in PROMPTS
+        for i in range(2)
+    ]
+    answers = _collect(worker, requests)
+    worker.close()
+    for plain, prefixed in zip(answers[::2], answers[1::2], strict=True):
+        assert prefixed.decision.gate_score == pytest.approx(plain.decision.gate_score, abs=1e-4)
+        assert prefixed.decision.fired == plain.decision.fired
+        assert prefixed.decision.prompt_tokens > plain.decision.prompt_tokens
