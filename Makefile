@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 
-.PHONY: demo test install install-test
+.PHONY: demo test agent install install-test
 
 .venv/bin/python:
 	python3 -m venv .venv
@@ -20,6 +20,11 @@ install-test: install
 demo: install
 	.venv/bin/guardrail batch examples/prompts.jsonl --out answers.jsonl
 	$(PY) examples/show_answers.py answers.jsonl
+
+# A LangChain agent with a tool on the guarded embedded model (examples/langchain_agent.py).
+agent: install
+	$(PIP) install -q -e ".[langchain]"
+	$(PY) examples/langchain_agent.py
 
 # Lint, type-check and the test suite (real model; a calibration per run).
 test: install-test

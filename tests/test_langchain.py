@@ -62,11 +62,20 @@ class TestGuardedChatModelIntegration(ChatModelIntegrationTests):
     def supports_model_override(self) -> bool:
         return False  # one model per Guard; another model is another GuardedChatModel
 
+    @property
+    def supports_json_mode(self) -> bool:
+        return True  # `method="json_mode"` writes the same schema-guided JSON as tool calls
+
 
 @tool
 def get_weather(location: str) -> str:
     """Get the weather at a location."""
     return "It's sunny."
+
+
+def test_instances_share_one_guard_per_model(_shared_guard: Guard) -> None:
+    first, second = GuardedChatModel(), GuardedChatModel(tenant="other", temperature=0.5)
+    assert first._guard() is second._guard() is _shared_guard
 
 
 def test_decision_is_in_response_metadata_and_usage_counts_tokens() -> None:
