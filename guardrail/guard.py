@@ -400,16 +400,7 @@ class Guard:
             raise _error(error)
         if self.policy(request.tenant).fail_mode == "error":
             raise _error(error)
-        decision = Decision(
-            guarded=request.guarded,
-            gate_score=None,
-            threshold=None,
-            fired=False,
-            path="refused",
-            tenant=request.tenant,
-            reason=f"error: {error}",
-        )
-        return Answer(request.refusal_text, decision)
+        return _closed_answer(request, "refused", f"error: {error}")
 
     def stream(self, messages: Any, tenant: str = "default", **overrides: Any) -> GuardStream:
         """Released text chunks, each after it passed the chunk check (at most one held back)."""
@@ -511,14 +502,19 @@ def _error(value: BaseException) -> BaseException:
 
 def _timeout_answer(request: Request) -> Answer:
     """The fail-closed answer when the worker did not answer in time: the refusal text."""
+    return _closed_answer(request, "timeout", "deadline")
+
+
+def _closed_answer(request: Request, path: str, reason: str) -> Answer:
+    """The refusal text with a decision that says why no model text was released."""
     decision = Decision(
         guarded=request.guarded,
         gate_score=None,
         threshold=None,
         fired=False,
-        path="timeout",
+        path=path,
         tenant=request.tenant,
-        reason="deadline",
+        reason=reason,
     )
     return Answer(request.refusal_text, decision)
 

@@ -15,11 +15,10 @@ that receives released text chunks and the final `Answer`, get a `Ticket` to can
    (`select_rows`), then run one decode step for the rest with per-row steering coefficients;
 3. join: between steps, waiting requests are prefilled and appended to the running batch
    (`concat_rows`) when `join=True`. `bench/bench_worker.py` measures it against batch-at-a-
-   time scheduling (`join=False`). On SmolLM2-135M, 1 CPU thread, 6-24 new tokens, 4-64
-   closed-loop clients: throughput equal within noise (1.45 vs 1.33, 2.08 vs 2.32, 2.47 vs
-   2.43 req/s) and mean latency 2-13% lower with joining, so joining stays on; its payoff
-   grows with the spread of answer lengths, since without it a new request waits for the
-   longest row in flight.
+   time scheduling (`join=False`) on the same 64 requests: on SmolLM2-135M, 2 CPU threads,
+   8-32 new tokens, 1/4/16/64 concurrent clients, 0.76/1.43/3.67/3.64 req/s with joining
+   against 0.71/1.24/3.46/3.34 without (2026-11-28), and lower mean latency, so joining stays
+   on; without it a new request waits for the longest row in flight.
 
 Rows that will need InferenceGuard search belong in their own lane, so that a slow search
 never stalls a decode step; there is no search yet, so a rejected chunk ends its row with the
