@@ -109,6 +109,27 @@ def _parser() -> argparse.ArgumentParser:
     )
     common(calibrate)
 
+    serve = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--keys",
+        metavar="FILE",
+        default=None,
+        help="YAML of tenant -> [SHA-256 of each API key] (default: $GUARDRAIL_API_KEYS, "
+        "tenant=key pairs)",
+    )
+    serve.add_argument(
+        "--policies", metavar="DIR", default=None, help="a folder of tenant policy files"
+    )
+    serve.add_argument("--max-batch", type=int, default=16)
+    common(serve)
+
+    key = sub.add_parser("key", help="API keys for `guardrail serve`")
+    key_sub = key.add_subparsers(dest="key_command", required=True)
+    new_key = key_sub.add_parser("new", help="print a new key and its line for the keys file")
+    new_key.add_argument("tenant")
+
     policy = sub.add_parser("policy", help="tenant policy files: schema and validation")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True)
     policy_sub.add_parser("schema", help="print the policy JSON Schema")
@@ -316,6 +337,16 @@ def run(argv: Sequence[str] | None = None) -> int:
             print(answer.text)
     elif args.command == "policy":
         return _policy_command(args)
+    elif args.command == "key":
+        import secrets
+
+        from guardrail.server import hash_key
+
+        key = f"gr-{secrets.token_urlsafe(32)}"
+        print(f"key (give it to the tenant; it is not stored): {key}")
+        print(f"keys file line:\n{args.tenant}:\n  - {hash_key(key)}")
+    elif args.command == "serve":
+        return _serve(args)
     elif args.command == "calibrate":
         calibration = _generator(args).calibration
         assert calibration is not None
@@ -326,6 +357,28 @@ def run(argv: Sequence[str] | None = None) -> int:
                 indent=2,
             )
         )
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from guardrail.guard import Guard
+    from guardrail.server import API_KEYS_ENV, ApiKeys, create_app
+    from guardrail.tenants import PolicyStore
+
+    keys = ApiKeys.from_file(args.keys) if args.keys else ApiKeys.from_env()
+    if not len(keys):
+        raise InputError(f"no API keys: give --keys FILE or set {API_KEYS_ENV}")
+    policies = PolicyStore(args.policies) if args.policies else None
+    generator = _generator(args)
+    guard = Guard(generator.lm, generator.calibration, policies=policies, max_batch=args.max_batch)
+    app = create_app(guard, keys, model_id=generator.lm.name)
+    print(f"serving {generator.lm.name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        guard.close()
     return 0
 
 

@@ -202,6 +202,11 @@ class LocalWorker:
 
     # --- public API --------------------------------------------------------------------------
 
+    @property
+    def accepting(self) -> bool:
+        """Whether new requests are taken (False once closing): readiness for a server."""
+        return self._accepting and self._thread.is_alive()
+
     def start(self) -> None:
         """Start the model thread (separate from `__init__` so tests can fill the queue first)."""
         if not self._thread.is_alive():
