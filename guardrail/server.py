@@ -24,12 +24,14 @@ from typing import Any, Literal
 import yaml
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from guardrail.engine import Answer
 from guardrail.errors import GuardrailError, InputError, OverloadedError, ShutdownError
 from guardrail.guard import Guard
+from guardrail.metrics import Metrics
 from guardrail.tenants import UnknownTenantError
 
 log = logging.getLogger(__name__)
@@ -134,14 +136,21 @@ def error(status: int, message: str, kind: str, code: str | None = None) -> JSON
 def create_app(guard: Guard, keys: ApiKeys, *, model_id: str) -> FastAPI:
     """The HTTP app over a running Guard (its worker is shared by every request)."""
     app = FastAPI(title="guardrail", docs_url=None, redoc_url=None)
+    metrics = Metrics(guard.worker)
+
+    def fail(status: int, message: str, kind: str, code: str | None = None) -> JSONResponse:
+        metrics.failed(status)
+        return error(status, message, kind, code)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return error(
-            400, f"{where}: {first.get('msg', 'invalid request')}", "invalid_request_error"
-        )
+        return fail(400, f"{where}: {first.get('msg', 'invalid request')}", "invalid_request_error")
 
     def tenant_of(request: Request) -> str | None:
         header = request.headers.get("authorization", "")
@@ -160,7 +169,7 @@ def create_app(guard: Guard, keys: ApiKeys, *, model_id: str) -> FastAPI:
     @app.get("/v1/models", response_model=None)
     async def models(request: Request) -> Any:
         if tenant_of(request) is None:
-            return error(
+            return fail(
                 401, "missing or invalid API key", "invalid_request_error", "invalid_api_key"
             )
         return {
@@ -170,51 +179,53 @@ def create_app(guard: Guard, keys: ApiKeys, *, model_id: str) -> FastAPI:
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(request: Request) -> Any:
+        started = time.monotonic()
         tenant = tenant_of(request)
         if tenant is None:
-            return error(
+            return fail(
                 401, "missing or invalid API key", "invalid_request_error", "invalid_api_key"
             )
         size = int(request.headers.get("content-length") or 0)
         body = await request.body() if size <= MAX_BODY_BYTES else b""
         if size > MAX_BODY_BYTES or len(body) > MAX_BODY_BYTES:
-            return error(413, f"the body exceeds {MAX_BODY_BYTES} bytes", "invalid_request_error")
+            return fail(413, f"the body exceeds {MAX_BODY_BYTES} bytes", "invalid_request_error")
         try:
             payload = ChatRequest.model_validate_json(body)
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "body"
-            return error(400, f"{where}: {first['msg']}", "invalid_request_error")
+            return fail(400, f"{where}: {first['msg']}", "invalid_request_error")
         if "tenant" in (payload.model_extra or {}):
-            return error(400, "the tenant comes from the API key", "invalid_request_error")
+            return fail(400, "the tenant comes from the API key", "invalid_request_error")
         if payload.model != model_id:
-            return error(
+            return fail(
                 404,
                 f"model {payload.model!r} is not served here",
                 "invalid_request_error",
                 "model_not_found",
             )
         if payload.n != 1:
-            return error(400, "n must be 1", "invalid_request_error")
+            return fail(400, "n must be 1", "invalid_request_error")
         try:
             messages = [{"role": _role(m.role), "content": m.text()} for m in payload.messages]
             options = _options(payload)
             if payload.stream:
                 stream = guard.stream(messages, tenant=tenant, **options)
                 return StreamingResponse(
-                    _sse(stream, model_id, options.get("max_new_tokens")),
+                    _sse(stream, model_id, options.get("max_new_tokens"), metrics, started),
                     media_type="text/event-stream",
                 )
             answer = await guard.generate(messages, tenant=tenant, **options)
         except (InputError, UnknownTenantError) as exc:
-            return error(400, str(exc), "invalid_request_error")
+            return fail(400, str(exc), "invalid_request_error")
         except OverloadedError as exc:
-            return error(429, str(exc), "rate_limit_error")
+            return fail(429, str(exc), "rate_limit_error")
         except ShutdownError as exc:
-            return error(503, str(exc), "server_error")
+            return fail(503, str(exc), "server_error")
         except GuardrailError as exc:
             log.exception("request of tenant %s failed", tenant)
-            return error(500, str(exc), "server_error")
+            return fail(500, str(exc), "server_error")
+        metrics.answered(answer.decision, time.monotonic() - started)
         return _completion(answer, model_id, options.get("max_new_tokens"))
 
     return app
@@ -272,7 +283,9 @@ def _completion(answer: Answer, model_id: str, max_new_tokens: int | None) -> di
     }
 
 
-async def _sse(stream: Any, model_id: str, max_new_tokens: int | None) -> AsyncIterator[str]:
+async def _sse(
+    stream: Any, model_id: str, max_new_tokens: int | None, metrics: Metrics, started: float
+) -> AsyncIterator[str]:
     """OpenAI's chunk events; the last carries the finish reason, usage and the decision. A
     client that goes away cancels the request (the stream is closed with the response)."""
     base = {
@@ -291,6 +304,7 @@ async def _sse(stream: Any, model_id: str, max_new_tokens: int | None) -> AsyncI
         async for text in stream:
             yield event({"content": text})
         answer = stream.result
+        metrics.answered(answer.decision, time.monotonic() - started)
         extra = {"usage": _usage(answer), "guard": answer.decision.as_dict()}
         yield event({}, _finish_reason(answer, max_new_tokens), **extra)
     except GuardrailError as exc:  # after the headers went out: an error event ends it
