@@ -373,6 +373,8 @@ def _serve(args: argparse.Namespace) -> int:
     policies = PolicyStore(args.policies) if args.policies else None
     generator = _generator(args)
     guard = Guard(generator.lm, generator.calibration, policies=policies, max_batch=args.max_batch)
+    for tenant in sorted(keys.tenants):  # a key for a tenant without a policy: fail at start
+        guard.policy(tenant)
     app = create_app(guard, keys, model_id=generator.lm.name)
     print(f"serving {generator.lm.name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     try:

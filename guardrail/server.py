@@ -95,6 +95,10 @@ class ApiKeys:
     def __len__(self) -> int:
         return len(self._tenants)
 
+    @property
+    def tenants(self) -> set[str]:
+        return set(self._tenants.values())
+
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
