@@ -4,8 +4,9 @@
 
 Starts `guardrail serve`'s app on loopback over the embedded model and its stored
 calibration (calibrating first if there is none), then for each level of concurrency sends
-the same `--requests` requests (the prompts of examples/prompts.jsonl, benign and harmful,
-in turn; every `--stream-every`-th one streamed) from that many concurrent clients.
+the same `--requests` requests (at least two per client; the prompts of
+examples/prompts.jsonl, benign and harmful, in turn; every `--stream-every`-th one
+streamed) from that many concurrent clients.
 Reported per level: throughput (and its ratio to one client), p50 and p99 latency, and the
 lost (an exception) and malformed (no text, no decision, or a stream without its closing
 event) responses, which must be 0.
@@ -92,6 +93,7 @@ async def level(url: str, clients: int, requests: int, tokens: int, every: int) 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(clients)))
     seconds = time.perf_counter() - started
+    await client.close()
     latencies.sort()
     p99 = latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))]
     return [
@@ -101,6 +103,7 @@ async def level(url: str, clients: int, requests: int, tokens: int, every: int) 
         p99,
         outcomes.count("lost"),
         outcomes.count("malformed"),
+        requests,
     ]
 
 
@@ -118,21 +121,20 @@ def main() -> None:
     rows = []
     try:
         for clients in (int(n) for n in args.levels.split(",")):
-            rows.append(
-                asyncio.run(level(url, clients, args.requests, args.tokens, args.stream_every))
-            )
+            requests = max(args.requests, 2 * clients)  # every client keeps a request in flight
+            rows.append(asyncio.run(level(url, clients, requests, args.tokens, args.stream_every)))
     finally:
         server.should_exit = True
         guard.close()
     base = rows[0][1]
     print(
-        f"{args.requests} requests per level, {args.tokens} new tokens at most, every "
-        f"{args.stream_every}th streamed; {len(PROMPTS)} prompts (benign and harmful) in turn"
+        f"max({args.requests}, 2 x clients) requests per level, {args.tokens} new tokens at "
+        f"most, every {args.stream_every}th streamed; {len(PROMPTS)} prompts (benign and harmful) in turn"
     )
     print(
         table(
-            ["clients", "req/s", "vs 1 client", "p50 s", "p99 s", "lost", "malformed"],
-            [[r[0], r[1], r[1] / base, r[2], r[3], r[4], r[5]] for r in rows],
+            ["clients", "requests", "req/s", "vs 1 client", "p50 s", "p99 s", "lost", "malformed"],
+            [[r[0], r[6], r[1], r[1] / base, r[2], r[3], r[4], r[5]] for r in rows],
         )
     )
 

@@ -56,7 +56,7 @@ class TestGuardedChatModelIntegration(ChatModelIntegrationTests):
 
     @property
     def chat_model_params(self) -> dict[str, Any]:
-        return {**PARAMS, "max_tokens": 24}  # short answers keep the suite quick on a CPU
+        return {**PARAMS, "max_tokens": 16}  # short answers keep the suite quick on a CPU
 
     @property
     def supports_model_override(self) -> bool:
