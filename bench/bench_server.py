@@ -129,7 +129,8 @@ def main() -> None:
     base = rows[0][1]
     print(
         f"max({args.requests}, 2 x clients) requests per level, {args.tokens} new tokens at "
-        f"most, every {args.stream_every}th streamed; {len(PROMPTS)} prompts (benign and harmful) in turn"
+        f"most, every {args.stream_every}th streamed; {len(PROMPTS)} prompts (benign and "
+        "harmful) in turn"
     )
     print(
         table(
