@@ -16,7 +16,7 @@ install: .venv/bin/python
 install-test: install
 	$(PIP) install -q -e ".[test]"
 
-# Main job: answer examples/prompts.jsonl on the embedded default (calibrates once, ~5 min).
+# Main job: answer examples/prompts.jsonl on the embedded default (calibrates once, 5-10 min).
 demo: install
 	.venv/bin/guardrail batch examples/prompts.jsonl --out answers.jsonl
 	$(PY) examples/show_answers.py answers.jsonl

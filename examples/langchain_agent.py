@@ -5,7 +5,7 @@
 The agent (`langchain.agents.create_agent`) answers a weather question by calling the tool,
 then a harmful request: the guard refuses it inside the agent loop (no tool is called) and
 the decision shows in the message's `response_metadata["guard"]`. The first run calibrates
-the embedded model (~5 min on 2 cores); later runs start in seconds.
+the embedded model (5-10 min on 2 cores); later runs start in seconds.
 """
 
 from __future__ import annotations
