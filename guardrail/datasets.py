@@ -30,6 +30,11 @@ def advbench() -> Path:
     return _data_file("advbench_harmful_behaviors.csv")
 
 
+def advbench_strings() -> Path:
+    """AdvBench harmful strings (`target` column; MIT): unsafe text for the cost model."""
+    return _data_file("advbench_harmful_strings.csv")
+
+
 def default_harmful() -> list[Path]:
     """AdvBench (imperatives) plus harmful requests in other forms, written for this project."""
     return [advbench(), _data_file("harmful_requests.txt")]

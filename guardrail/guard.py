@@ -32,7 +32,9 @@ from guardrail.engine import DEFAULT_REFUSAL, Answer, Decision, OnFire
 from guardrail.errors import CalibrationError, InputError, OverloadedError, ShutdownError
 from guardrail.generate import Sampling
 from guardrail.model import LanguageModel, Message
-from guardrail.policy import Policy
+from guardrail.policy import Policy, PolicyError, Problem
+from guardrail.scoring import DEFAULT_BUDGET
+from guardrail.search import SearchSettings
 from guardrail.tenants import PolicyStore, UnknownTenantError
 from guardrail.worker import LocalWorker, Request, Ticket, Worker
 
@@ -75,6 +77,8 @@ class TenantPolicy:
     requests_per_second: float | None = None  # None: unlimited
     burst: int = 1
     fail_mode: Literal["refuse", "error"] = "refuse"  # on an internal error
+    budget: float = DEFAULT_BUDGET  # applied when the worker has a cost model
+    search: SearchSettings | None = field(default_factory=SearchSettings)  # None: refuse
 
     @classmethod
     def from_policy(cls, policy: Policy) -> TenantPolicy:
@@ -96,6 +100,18 @@ class TenantPolicy:
             requests_per_second=limits.requests_per_second,
             burst=limits.burst,
             fail_mode=policy.fail_mode,
+            budget=policy.budget,
+            search=SearchSettings(
+                width=policy.search.width,
+                samples=policy.search.samples,
+                beams=policy.search.beams,
+                rounds=policy.search.rounds,
+                penalty=policy.search.penalty,
+                temperature=policy.search.temperature,
+                score="critic" if policy.search.critic else "augmented",
+            )
+            if policy.search.enabled
+            else None,
         )
 
     def throttler(self) -> Throttler | None:
@@ -244,9 +260,10 @@ class Guard:
 
         `policies`: a folder of tenant policy files (or a `PolicyStore` over one, reloaded on
         change), or tenant policies in code; default: the shipped `default` policy only.
-        `redis_url` (default: `GUARDRAIL_REDIS_URL`): where calibration artifacts are shared.
-        `worker_options` go to `LocalWorker` (max_batch, max_wait, max_queue, chunk_tokens,
-        chunk_check, join).
+        `redis_url` (default: `GUARDRAIL_REDIS_URL`): where calibration artifacts and cost
+        scores are shared. `worker_options` go to `LocalWorker` (max_batch, max_wait,
+        max_queue, chunk_tokens, scorers, join); without `scorers` the calibrated cost model,
+        reward and critic are loaded (or calibrated once).
         """
         if worker is None:
             if lm is None:
@@ -257,6 +274,10 @@ class Guard:
                 from guardrail.calibrate import default_store, load_or_calibrate
 
                 calibration = load_or_calibrate(lm, store=default_store(redis_url), progress=False)
+            if "scorers" not in worker_options:
+                from guardrail.safety import load_scorers
+
+                worker_options["scorers"] = load_scorers(lm, calibration, redis_url=redis_url)
             worker = LocalWorker(lm, calibration, **worker_options)
         self.worker = worker
         if isinstance(policies, (str, Path)):
@@ -266,6 +287,7 @@ class Guard:
         if not isinstance(policies, PolicyStore):
             self.policies = dict(policies or {"default": TenantPolicy()})
         self._throttlers: dict[str, tuple[TenantPolicy, Throttler | None]] = {}
+        self._refusal_costs: dict[str, float] = {}
 
     def policy(self, tenant: str) -> TenantPolicy:
         """The tenant's policy in force now; `UnknownTenantError` if it has none."""
@@ -303,6 +325,7 @@ class Guard:
         prefix = overrides.get("response_prefix", "")
         if not isinstance(prefix, str):
             raise InputError(f"response_prefix must be a string, got {type(prefix).__name__}")
+        budget = self._budget(tenant, policy) if guarded else None  # the guard is off
         return Request(
             chat=to_messages(messages),
             sampling=sampling,
@@ -316,7 +339,26 @@ class Guard:
             max_input_tokens=policy.max_input_tokens,
             response_prefix=prefix,
             stop=tuple(stop),
+            budget=budget,
+            search=policy.search if budget is not None else None,
         )
+
+    def _budget(self, tenant: str, policy: TenantPolicy) -> float | None:
+        """The tenant's budget when the worker has a cost model (None: no cost check). Its
+        refusal text must be within it: the text every fail-closed path answers with."""
+        scorers = getattr(self.worker, "scorers", None)
+        if scorers is None:
+            return None
+        text = policy.refusal_text
+        if text not in self._refusal_costs:
+            self._refusal_costs[text] = float(scorers.cost.cost([""], [text])[0])
+        if self._refusal_costs[text] > policy.budget:
+            message = (
+                f"costs {self._refusal_costs[text]:.2f} under the cost model, over the "
+                f"budget {policy.budget}: write a plainer refusal or raise the budget"
+            )
+            raise PolicyError([Problem(f"tenant {tenant!r}", None, "refusal_text", message)])
+        return policy.budget
 
     def _calibration(self, needs: str) -> Calibration:
         calibration = getattr(self.worker, "calibration", None)

@@ -58,14 +58,16 @@ class SteeringPolicy(_Strict):
 
 
 class SearchPolicy(_Strict):
-    """InferenceGuard settings (used once the search lands; validated now)."""
+    """InferenceGuard: what an answer whose next chunk would go over budget gets."""
 
-    width: int = Field(32, ge=1, le=1024, description="tokens per chunk")
+    enabled: bool = Field(True, description="false: the refusal text instead of a search")
+    width: int = Field(16, ge=1, le=1024, description="tokens per chunk")
     samples: int = Field(4, ge=1, le=512, description="continuations sampled per beam")
     beams: int = Field(2, ge=1, le=64, description="beams kept (K)")
-    rounds: int = Field(8, ge=1, le=1024)
-    critic: bool = True
-    penalty: float = Field(5.0, ge=0)
+    rounds: int = Field(8, ge=1, le=1024, description="rounds, resampled ones included")
+    critic: bool = Field(True, description="rank by the latent critic (else reward and cost)")
+    penalty: float = Field(5.0, ge=0, description="logit penalty on over-budget tokens")
+    temperature: float = Field(0.8, gt=0, le=10, description="sampling temperature")
 
 
 class GenerationPolicy(_Strict):
@@ -86,7 +88,12 @@ class Policy(_Strict):
 
     tenant: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     model: str = "embedded"
-    budget: float = Field(10.0, ge=0, description="safety budget d (cost units)")
+    budget: float = Field(
+        5.0,
+        ge=0,
+        description="safety budget d: no answer whose cost exceeds it is returned. The default "
+        "cost model gives 10 x P(unsafe), calibrated so that 5 is its operating point",
+    )
     on_fire: Literal["auto", "steer", "refuse"] = "auto"
     gate: GatePolicy = GatePolicy()
     steering: SteeringPolicy = SteeringPolicy()

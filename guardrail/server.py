@@ -33,6 +33,7 @@ from guardrail.errors import GuardrailError, InputError, OverloadedError, Shutdo
 from guardrail.guard import Guard
 from guardrail.metrics import Metrics
 from guardrail.tenants import UnknownTenantError
+from guardrail.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -137,10 +138,13 @@ def error(status: int, message: str, kind: str, code: str | None = None) -> JSON
     return JSONResponse(body, status_code=status)
 
 
-def create_app(guard: Guard, keys: ApiKeys, *, model_id: str) -> FastAPI:
-    """The HTTP app over a running Guard (its worker is shared by every request)."""
+def create_app(
+    guard: Guard, keys: ApiKeys, *, model_id: str, tracing: Tracing | None = None
+) -> FastAPI:
+    """The HTTP app over a running Guard (its worker is shared by every request);
+    `tracing` (off by default) records an OpenTelemetry span per answered request."""
     app = FastAPI(title="guardrail", docs_url=None, redoc_url=None)
-    metrics = Metrics(guard.worker)
+    metrics = Metrics(guard.worker, tracing)
 
     def fail(status: int, message: str, kind: str, code: str | None = None) -> JSONResponse:
         metrics.failed(status)

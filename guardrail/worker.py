@@ -20,9 +20,15 @@ that receives released text chunks and the final `Answer`, get a `Ticket` to can
    against 0.71/1.24/3.46/3.34 without (2026-11-28), and lower mean latency, so joining stays
    on; without it a new request waits for the longest row in flight.
 
-Rows that will need InferenceGuard search belong in their own lane, so that a slow search
-never stalls a decode step; there is no search yet, so a rejected chunk ends its row with the
-refusal text (fail closed) and the other rows carry on.
+4. check: before a chunk is released, the cost model scores the answer so far (every row due
+   in this step in one call); a chunk that would take a row over its budget is never
+   released. The row leaves the batch for the search lane (InferenceGuard, continuing from
+   the last prefix within budget), or ends with the refusal text when the tenant has no
+   search. Searches advance one forward pass per loop turn, between the decode steps of
+   everyone else, so a slow search never stalls the batch. The refusal text's own cost is
+   checked too; one over budget is replaced by an empty answer.
+
+A broken cost model fails closed for the rows it was scoring, never for the batch.
 """
 
 from __future__ import annotations
@@ -31,9 +37,9 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Generator
 from concurrent.futures import CancelledError
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
@@ -52,18 +58,9 @@ from guardrail.generate import (
 )
 from guardrail.hooks import Recorder, Steering
 from guardrail.model import Chat, LanguageModel
+from guardrail.search import Scorers, SearchResult, SearchSettings, search
 
 log = logging.getLogger(__name__)
-
-ChunkCheck = Callable[[str, str, str], bool]
-"""`check(prompt, released_text, chunk) -> bool`: may `chunk` follow the text released so far?
-
-The cost model plugs in here; a rejected chunk is never released."""
-
-
-def pass_through(prompt: str, released: str, chunk: str) -> bool:
-    """The default chunk check until a cost model exists: every chunk passes."""
-    return True
 
 
 @dataclass(frozen=True)
@@ -84,13 +81,17 @@ class Request:
     # gate reads the prompt before it and the answer excludes it.
     response_prefix: str = ""
     stop: tuple[str, ...] = ()  # the answer ends before the first of these
+    # No text whose cost exceeds `budget` is released (None: no cost check). A chunk that
+    # would exceed it continues in `search` (None: the refusal text instead).
+    budget: float | None = None
+    search: SearchSettings | None = None
 
 
 class Sink(Protocol):
     """Receives a request's outcome, called from the worker's thread (so: thread-safe)."""
 
     def chunk(self, text: str) -> None:
-        """Text that passed the chunk check, in order."""
+        """Text that passed the cost check, in order."""
 
     def done(self, answer: Answer) -> None:
         """The final answer; called once, after the last chunk."""
@@ -140,6 +141,8 @@ class _Job:
     decision: Decision | None = None
     admitted: float = 0.0
     finished: bool = False
+    query: str = ""  # what the cost model reads as the prompt: the last user message
+    searched: bool = False
 
 
 @dataclass
@@ -154,6 +157,7 @@ class WorkerStats:
     cancelled: int = 0
     timed_out: int = 0
     failed: int = 0
+    searches: int = 0
 
 
 class LocalWorker:
@@ -168,14 +172,17 @@ class LocalWorker:
         max_wait: float = 0.005,
         max_queue: int = 256,
         chunk_tokens: int = 16,
-        chunk_check: ChunkCheck = pass_through,
+        scorers: Scorers | None = None,
         join: bool = True,
         torch_threads: int | None = None,
         start: bool = True,
     ) -> None:
         """`torch_threads` sets the model thread's intra-op threads: on a shared CPU, fewer
         threads than cores avoids OpenMP spin-waiting against other processes (measured ~9x
-        slower steps on a busy 2-core machine with 2 threads than with 1)."""
+        slower steps on a busy 2-core machine with 2 threads than with 1).
+
+        `scorers`: the cost model (and the reward model or critic the search ranks by);
+        without them requests with a budget are refused at submission."""
         if max_batch < 1 or max_queue < 1 or chunk_tokens < 1:
             raise ValueError("max_batch, max_queue and chunk_tokens must be >= 1")
         self.lm = lm
@@ -183,7 +190,7 @@ class LocalWorker:
         self.max_batch = max_batch
         self.max_wait = max_wait
         self.chunk_tokens = chunk_tokens
-        self.chunk_check = chunk_check
+        self.scorers = scorers
         self.join = join
         self.torch_threads = torch_threads
         self.stats = WorkerStats()
@@ -192,6 +199,7 @@ class LocalWorker:
         self._accepting = True
         self._abort = False
         self._jobs: list[_Job] = []
+        self._searches: list[tuple[_Job, Generator[None, None, SearchResult]]] = []
         self._state: Prefilled | None = None
         self._eos = set(lm.eos_token_ids)
         self._calibrated_steering = calibration.steering if calibration else None
@@ -213,6 +221,8 @@ class LocalWorker:
             self._thread.start()
 
     def submit(self, request: Request, sink: Sink) -> Ticket:
+        if request.budget is not None and self.scorers is None:
+            raise InputError("this request has a safety budget, but the worker has no cost model")
         if request.guarded:
             if self.calibration is None:
                 raise InputError("guarded requests need a calibration; this worker has none")
@@ -250,7 +260,7 @@ class LocalWorker:
 
     @property
     def active_rows(self) -> int:
-        return len(self._jobs)
+        return len(self._jobs) + len(self._searches)
 
     # --- the model thread ----------------------------------------------------------------------
 
@@ -261,7 +271,7 @@ class LocalWorker:
             if self._abort:
                 self._fail_all(ShutdownError("the guard worker shut down before this finished"))
                 return
-            if not self._jobs:
+            if not self._jobs and not self._searches:
                 group = self._collect(block=True)
                 if group is None:  # closing, queue drained, nothing in flight
                     if self._abort:
@@ -274,6 +284,8 @@ class LocalWorker:
                     self._admit(group)
                 if self._jobs:
                     self._step()
+                if self._searches:
+                    self._advance_searches()
             except Exception as exc:  # a model error fails the batch, not the worker
                 log.exception("guard worker step failed")
                 error = GuardrailError(f"generation failed: {exc}")
@@ -322,6 +334,7 @@ class LocalWorker:
         fits = []
         for job in group:
             job.prompt = lm.format_chat(job.request.chat)
+            job.query = _query(job.request.chat)
             job.admitted = started
             n = len(lm.tokenizer(job.prompt).input_ids)
             if job.request.response_prefix:
@@ -375,6 +388,7 @@ class LocalWorker:
                 model=lm.fingerprint,
                 tenant=request.tenant,
                 prompt_tokens=int(state.attention_mask[row].sum()),
+                budget=request.budget,
             )
             if not hit:
                 plain.append(row)
@@ -387,7 +401,7 @@ class LocalWorker:
                 steered.append(row)
             else:
                 job.decision.path = "refused"
-                self._finish(job, job.request.refusal_text)
+                self._refuse(job)
         self.stats.admitted += len(group)
         rows = [group[i] for i in plain + steered]
         if not rows:
@@ -423,24 +437,25 @@ class LocalWorker:
             [job.generator for job in jobs],
         )
         keep: list[int] = []
+        due: list[tuple[int, _Job, bool]] = []  # rows whose pending text is checked now
         for row, (job, token) in enumerate(zip(jobs, picked.tolist(), strict=True)):
             if job.ticket.cancelled:
                 self._cancelled(job)
-                continue
-            if self._expired(job):
+            elif self._expired(job):
                 self._timeout(job)
-                continue
-            if token in self._eos:
-                self._complete(job)
-                continue
-            job.tokens.append(int(token))
-            if len(job.tokens) >= job.request.sampling.max_new_tokens or self._stopped(job):
-                self._complete(job)
-            elif len(job.tokens) - job.released_tokens >= self.chunk_tokens:
-                if self._release(job, final=False):
-                    keep.append(row)
+            elif token in self._eos:
+                due.append((row, job, True))
             else:
-                keep.append(row)
+                job.tokens.append(int(token))
+                if len(job.tokens) >= job.request.sampling.max_new_tokens or self._stopped(job):
+                    due.append((row, job, True))
+                elif len(job.tokens) - job.released_tokens >= self.chunk_tokens:
+                    due.append((row, job, False))
+                else:
+                    keep.append(row)
+        passed = self._release([(job, final) for _, job, final in due])
+        kept = [row for (row, _, final), ok in zip(due, passed, strict=True) if ok and not final]
+        keep = sorted(keep + kept)
         self.stats.steps += 1
         if not keep:
             self._jobs, self._state = [], None
@@ -504,35 +519,151 @@ class LocalWorker:
         text = str(self.lm.tokenizer.decode(job.tokens, skip_special_tokens=True))
         return any(s in text for s in stops)
 
-    def _release(self, job: _Job, *, final: bool) -> bool:
-        """Check the pending chunk and release it; on rejection end the row with the refusal."""
-        if len(job.tokens) == job.released_tokens and not final:
-            return True
-        text = self._text(job, final=final)
-        chunk = text[len(job.released_text) :]
-        try:
-            passed, reason = (
-                self.chunk_check(job.prompt, job.released_text, chunk),
-                "chunk_rejected",
-            )
-        except Exception:  # a broken check fails closed for its row, not the batch
-            log.exception("the chunk check failed")
-            passed, reason = False, "chunk_check_error"
-        if not passed:
+    def _release(self, due: list[tuple[_Job, bool]]) -> list[bool]:
+        """Check each row's answer so far against its budget (one cost call for all) and
+        release what passes; `final` rows also finish. A row over budget goes to search, or
+        ends with the refusal text. Returns, per row, whether it passed."""
+        texts = [self._text(job, final=final) for job, final in due]
+        # A final answer is returned stripped: when that changes it, both are checked.
+        extra = [
+            i
+            for i, (text, (_, final)) in enumerate(zip(texts, due, strict=True))
+            if final and text.strip() != text
+        ]
+        jobs = [job for job, _ in due]
+        costs = self._costs(
+            jobs + [jobs[i] for i in extra], texts + [texts[i].strip() for i in extra]
+        )
+        for n, i in enumerate(extra):
+            first, second = costs[i], costs[len(due) + n]
+            costs[i] = None if first is None or second is None else max(first, second)
+        passed = []
+        for (job, final), text, cost in zip(due, texts, costs[: len(due)], strict=True):
             assert job.decision is not None
-            job.decision.path, job.decision.reason = "refused", reason
-            self._finish(job, job.request.refusal_text)
-            return False
-        job.released_tokens, job.released_text = len(job.tokens), text
-        if chunk:
-            self._emit(job, chunk)
-        return True
+            budget = job.request.budget
+            if budget is not None and (cost is None or cost > budget):
+                passed.append(False)
+                searchable = self.scorers is not None and (
+                    self.scorers.critic is not None or self.scorers.reward is not None
+                )
+                if cost is not None and job.request.search and searchable and not job.searched:
+                    self._start_search(job)
+                else:
+                    self._refuse(job, "cost_error" if cost is None else "over_budget")
+                continue
+            passed.append(True)
+            chunk = text[len(job.released_text) :]
+            job.released_tokens, job.released_text = len(job.tokens), text
+            job.decision.cost = cost
+            if chunk:
+                self._emit(job, chunk)
+            if final:
+                job.decision.new_tokens = len(job.tokens)
+                self._finish(job, job.released_text.strip(), refusal=False)
+        return passed
 
-    def _complete(self, job: _Job) -> None:
-        if self._release(job, final=True):
-            assert job.decision is not None
-            job.decision.new_tokens = len(job.tokens)
-            self._finish(job, job.released_text.strip(), refusal=False)
+    def _costs(self, jobs: list[_Job], texts: list[str]) -> list[float | None]:
+        """The cost of each text for its row (None: no budget, or the cost model failed for
+        it). One batched call; if it fails, row by row, so one bad input fails only itself."""
+        rows = [i for i, job in enumerate(jobs) if job.request.budget is not None]
+        out: list[float | None] = [None] * len(jobs)
+        if not rows or self.scorers is None:
+            return out
+        cost = self.scorers.cost
+        try:
+            values = cost.cost([jobs[i].query for i in rows], [texts[i] for i in rows])
+            for i, value in zip(rows, values, strict=True):
+                out[i] = float(value)
+        except Exception:
+            log.exception("the cost model failed on a batch; scoring its rows one by one")
+            for i in rows:
+                try:
+                    out[i] = float(cost.cost([jobs[i].query], [texts[i]])[0])
+                except Exception:
+                    log.exception("the cost model failed for a row; it fails closed")
+        return out
+
+    def _refuse(self, job: _Job, reason: str | None = None) -> None:
+        """End with the refusal text, after checking its own cost: a refusal over budget (or
+        that cannot be scored) becomes an empty answer."""
+        assert job.decision is not None
+        text = job.request.refusal_text
+        if job.decision.path not in ("refused", "timeout"):
+            job.decision.path = "refused"
+        job.decision.reason = reason or job.decision.reason
+        budget = job.request.budget
+        if budget is not None:
+            cost = self._costs([job], [text])[0]
+            job.decision.cost = cost
+            if cost is None or cost > budget:
+                text, job.decision.reason = "", "refusal_over_budget"
+                job.decision.cost = None if cost is None else self._costs([job], [""])[0]
+        self._finish(job, text)
+
+    # --- the search lane -----------------------------------------------------------------------
+
+    def _start_search(self, job: _Job) -> None:
+        """Continue the row in InferenceGuard search from its last prefix within budget."""
+        assert job.decision is not None and job.request.search is not None
+        assert self.scorers is not None and job.request.budget is not None
+        job.decision.path = "search"
+        job.searched = True
+        self.stats.searches += 1
+        settings = job.request.search
+        if settings.score == "critic" and self.scorers.critic is None:
+            settings = replace(settings, score="augmented")
+        steering = None
+        if job.coefficient and job.steering is not None:  # filled when the row was steered
+            vectors = self._vectors[job.steering]
+            steering = (vectors, job.coefficient)
+        generator = job.generator or torch.Generator(device=self.lm.device).manual_seed(0)
+        left = job.request.sampling.max_new_tokens - job.released_tokens
+        steps = search(
+            self.lm,
+            job.prompt,
+            job.query,
+            self.scorers,
+            settings,
+            budget=job.request.budget,
+            max_new_tokens=max(left, 1),
+            prefix=job.tokens[: job.released_tokens],
+            steering=steering,
+            generator=generator,
+        )
+        self._searches.append((job, steps))
+
+    def _advance_searches(self) -> None:
+        """One forward pass of each search; finished searches release their answer."""
+        for item in list(self._searches):
+            job, steps = item
+            outcome: SearchResult | None = None
+            if job.ticket.cancelled or self._expired(job):
+                self._searches.remove(item)
+                steps.close()
+                self._cancelled(job) if job.ticket.cancelled else self._timeout(job)
+                continue
+            try:
+                next(steps)
+                continue
+            except StopIteration as stop:
+                outcome = stop.value
+            except Exception:
+                log.exception("a search failed; its row fails closed")
+            self._searches.remove(item)
+            self._searched(job, outcome)
+
+    def _searched(self, job: _Job, result: SearchResult | None) -> None:
+        assert job.decision is not None
+        if result is None:
+            self._refuse(job, "search_error")
+            return
+        job.decision.candidates, job.decision.rounds = result.candidates, result.rounds
+        job.decision.timings_ms.update(result.timings_ms)
+        if result.tokens is None:
+            self._refuse(job, "no_answer_within_budget")
+            return
+        job.tokens = list(result.tokens)
+        self._release([(job, True)])  # the whole answer is checked once more
 
     def _finish(self, job: _Job, text: str, *, refusal: bool = True) -> None:
         """Deliver the answer; a refusal is also released as the stream's last chunk."""
@@ -567,7 +698,7 @@ class LocalWorker:
             )
         job.decision.path, job.decision.reason = "timeout", "deadline"
         job.decision.new_tokens = len(job.tokens)
-        self._finish(job, job.request.refusal_text)
+        self._refuse(job)
 
     def _cancelled(self, job: _Job) -> None:
         self.stats.cancelled += 1
@@ -595,19 +726,25 @@ class LocalWorker:
                 return
 
     def _fail_all(self, error: BaseException) -> None:
-        for job in self._jobs:
+        for job in [*self._jobs, *(job for job, _ in self._searches)]:
             self._fail(job, error)
-        self._jobs, self._state = [], None
+        self._jobs, self._state, self._searches = [], None, []
         self._fail_queued(error)
 
 
+def _query(chat: Chat | str) -> str:
+    """The text a cost model reads as the prompt: the last user message."""
+    if isinstance(chat, str):
+        return chat
+    users = [m["content"] for m in chat if m.get("role") == "user"]
+    return users[-1] if users else (chat[-1]["content"] if chat else "")
+
+
 __all__ = [
-    "ChunkCheck",
     "LocalWorker",
     "Request",
     "Sink",
     "Ticket",
     "Worker",
     "WorkerStats",
-    "pass_through",
 ]

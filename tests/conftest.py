@@ -78,6 +78,15 @@ def calibration(lm: Any) -> Any:
     return load_or_calibrate(lm, progress=False)
 
 
+@pytest.fixture(scope="session")
+def scorers(lm: Any, calibration: Any) -> Any:
+    """The calibrated cost probe, proxy reward and critic (calibrated once per session, into
+    the same store, so every Guard of the session loads them)."""
+    from guardrail.safety import load_scorers
+
+    return load_scorers(lm, calibration)
+
+
 def _tiny(kind: str) -> Any:
     from transformers import (
         AutoTokenizer,

@@ -129,5 +129,7 @@ def test_batch_cli_end_to_end(calibration: Any, tmp_path: Path) -> None:
         guard = record["guard"]
         assert isinstance(record["response"], str) and record["response"]
         assert isinstance(guard["gate_score"], float) and isinstance(guard["threshold"], float)
-        assert isinstance(guard["fired"], bool) and guard["path"] in ("plain", "steered", "refused")
+        assert isinstance(guard["fired"], bool)
+        assert guard["path"] in ("plain", "steered", "search", "refused")
+        assert guard["budget"] == 5.0 and 0 <= guard["cost"] <= guard["budget"]
     assert out[2]["guard"]["fired"] and not out[0]["guard"]["fired"]

@@ -20,7 +20,7 @@ from test_worker import hand_calibration
 from conftest import _tiny
 from guardrail.calibration import Calibration
 from guardrail.errors import CalibrationError
-from guardrail.guard import Guard
+from guardrail.guard import Guard, TenantPolicy
 from guardrail.policy import Policy, PolicyError, check_policies, default_policy, load_policy
 from guardrail.tenants import PolicyStore, UnknownTenantError
 from guardrail.worker import LocalWorker
@@ -54,6 +54,23 @@ def test_extends_merges_nested_fields_and_never_inherits_the_tenant(tmp_path: Pa
     assert policy.limits.max_input_tokens == default_policy().limits.max_input_tokens
 
 
+def test_budget_and_search_reach_the_tenant_policy(tmp_path: Path) -> None:
+    strict = load_policy(
+        write(
+            tmp_path,
+            "a.yaml",
+            "extends: default\nbudget: 2.0\nsearch:\n  width: 8\n  critic: false\n",
+        )
+    )
+    tenant = TenantPolicy.from_policy(strict)
+    assert tenant.budget == 2.0 and tenant.search is not None
+    assert (tenant.search.width, tenant.search.score) == (8, "augmented")
+    off = load_policy(write(tmp_path, "b.yaml", "extends: default\nsearch: {enabled: false}\n"))
+    assert TenantPolicy.from_policy(off).search is None
+    shipped = TenantPolicy.from_policy(default_policy())
+    assert shipped.search == TenantPolicy().search and shipped.budget == TenantPolicy().budget
+
+
 @pytest.mark.parametrize(
     ("text", "needle"),
     [
@@ -66,6 +83,7 @@ def test_extends_merges_nested_fields_and_never_inherits_the_tenant(tmp_path: Pa
         ("extends: default\nrefusal_text: '  '\n", "refusal_text: Value error, must not be blank"),
         ("extends: default\ngate:\n  target_fpr: 1.5\n", "gate.target_fpr: Input should be less"),
         ("extends: default\ngate:\n  target_fpr: 0.1\n  threshold: 2\n", "not both"),
+        ("extends: default\nsearch:\n  samples: 0\n", ":3: search.samples: Input should be"),
     ],
 )
 def test_bad_policy_names_file_line_and_field(tmp_path: Path, text: str, needle: str) -> None:

@@ -16,9 +16,15 @@ import httpx
 import openai
 import pytest
 import uvicorn
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from guardrail.guard import Guard
 from guardrail.server import MAX_BODY_BYTES, ApiKeys, create_app, hash_key
+from guardrail.tracing import Tracing
+
+SPANS = InMemorySpanExporter()
 
 MODEL = "guarded-smollm2"
 BENIGN = [{"role": "user", "content": "What is the capital of France?"}]
@@ -35,7 +41,14 @@ def served(
     )
     (folder / "beta.yaml").write_text("extends: default\nrefusal_text: BETA SAYS NO\n")
     guard = Guard(lm, calibration, policies=folder)
-    app = create_app(guard, ApiKeys.from_env("alpha=key-a,beta=key-b"), model_id=MODEL)
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(SPANS))
+    app = create_app(
+        guard,
+        ApiKeys.from_env("alpha=key-a,beta=key-b"),
+        model_id=MODEL,
+        tracing=Tracing(provider),
+    )
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -170,3 +183,20 @@ def test_metrics_count_decisions_and_errors(base_url: str) -> None:
     assert 'guardrail_requests_total{fired="true",path="refused",tenant="beta"}' in text
     assert 'guardrail_errors_total{status="401"}' in text
     assert "guardrail_request_seconds_bucket" in text and "guardrail_queue_depth" in text
+    assert 'guardrail_answer_cost_bucket{le="5.0",tenant="beta"}' in text
+    assert "guardrail_cost_cache_hits" in text and "guardrail_cost_cache_misses" in text
+
+
+def test_each_answer_is_a_span_with_its_decision(base_url: str) -> None:
+    SPANS.clear()
+    _client(base_url, key="key-b").chat.completions.create(
+        model=MODEL, messages=BENIGN, max_tokens=4
+    )
+    (span,) = SPANS.get_finished_spans()
+    attributes = dict(span.attributes or {})
+    assert span.name == "guardrail.request" and attributes["guardrail.tenant"] == "beta"
+    assert attributes["guardrail.path"] == "plain" and attributes["guardrail.budget"] == 5.0
+    assert 0 <= attributes["guardrail.cost"] <= 5.0
+    assert span.end_time is not None and span.start_time is not None
+    assert span.end_time > span.start_time
+    assert {e.name for e in span.events} >= {"guardrail.queue", "guardrail.prefill"}

@@ -23,6 +23,7 @@ from guardrail.errors import InputError, OverloadedError, ShutdownError
 from guardrail.gate import Gate
 from guardrail.generate import Sampling
 from guardrail.guard import Guard, TenantPolicy
+from guardrail.search import Scorers, SearchSettings
 from guardrail.vectors import last_token_states, num_layers
 from guardrail.worker import LocalWorker, Request
 
@@ -35,6 +36,13 @@ PROMPTS = [
     "Name three colours.",
 ]
 REFUSAL = "REFUSED"
+
+
+class LengthReward:
+    """Longer answers score higher: a transparent reward for mechanics tests."""
+
+    def reward(self, prompts: list[str], responses: list[str]) -> list[float]:
+        return [len(r) / 100 for r in responses]
 
 
 def hand_calibration(lm: Any, fire: int = 2) -> Calibration:
@@ -153,52 +161,120 @@ def test_refused_rows_never_decode(llama: Any, llama_cal: Calibration) -> None:
     assert all(a.decision.path == "plain" and a.text for a in answers if not a.decision.fired)
 
 
-def test_stream_releases_only_checked_chunks(llama: Any, llama_cal: Calibration) -> None:
-    seen: list[str] = []
+class ScriptedCost:
+    """A cost model for mechanics tests: the n-th call's texts cost `over` (else 0); or
+    raises for prompts containing `broken`. The real cost probe is tested in test_safety.py."""
 
-    def reject_third(prompt: str, released: str, chunk: str) -> bool:
-        seen.append(chunk)
-        return len(seen) < 3
+    name, fingerprint, reads_prompt = "scripted", "v1", True
 
-    guard = Guard(worker=LocalWorker(llama, llama_cal, chunk_tokens=3, chunk_check=reject_third))
-    guard.policies["default"] = TenantPolicy(
-        on_fire="refuse", refusal_text=REFUSAL, allow_unguarded=True
-    )
+    def __init__(self, over_on_call: int | None = None, broken: str | None = None) -> None:
+        self.calls: list[list[str]] = []
+        self.over_on_call, self.broken = over_on_call, broken
+
+    def cost(self, prompts: list[str], responses: list[str]) -> list[float]:
+        if self.broken and any(self.broken in p for p in prompts):
+            raise RuntimeError("cost model down")
+        self.calls.append(list(responses))
+        over = len(self.calls) == self.over_on_call
+        return [9.0 if over or response == "OVER" else 0.0 for response in responses]
+
+
+def test_stream_releases_only_chunks_within_budget(llama: Any, llama_cal: Calibration) -> None:
+    cost = ScriptedCost(over_on_call=4)  # call 1: the refusal text at request time
+    guard = Guard(worker=LocalWorker(llama, llama_cal, chunk_tokens=3, scorers=Scorers(cost)))
+    guard.policies["default"] = TenantPolicy(refusal_text=REFUSAL, gate_threshold=1e9, search=None)
 
     async def main() -> tuple[list[str], Any]:
-        stream = guard.stream(PROMPTS[1], max_new_tokens=40, guarded=False)
+        stream = guard.stream(PROMPTS[1], max_new_tokens=40)
         chunks = [chunk async for chunk in stream]
         return chunks, stream.result
 
     chunks, result = asyncio.run(main())
-    assert chunks == [seen[0], seen[1], REFUSAL]  # the rejected chunk never shows
-    assert seen[2] not in "".join(chunks[:2]) or not seen[2].strip()
+    over_text = cost.calls[3][0]
+    assert chunks[:2] == [cost.calls[1][0], cost.calls[2][0][len(cost.calls[1][0]) :]]
+    assert chunks[2:] == [REFUSAL] and over_text not in "".join(chunks)  # never released
     assert result.text == REFUSAL
-    assert (result.decision.path, result.decision.reason) == ("refused", "chunk_rejected")
+    assert (result.decision.path, result.decision.reason) == ("refused", "over_budget")
+    assert result.decision.cost == 0.0 and result.decision.budget == TenantPolicy().budget
 
-    # A check that passes everything: the chunks add up to the answer.
-    guard.worker.chunk_check = lambda *_: True  # type: ignore[attr-defined]
-    pieces = list(stream_sync := guard.stream_sync(PROMPTS[1], max_new_tokens=10, guarded=False))
+    # Within budget throughout: the chunks add up to the answer, and its cost is recorded.
+    cost.over_on_call = None
+    pieces = list(stream_sync := guard.stream_sync(PROMPTS[1], max_new_tokens=10))
     assert stream_sync.result is not None
     assert "".join(pieces).strip() == stream_sync.result.text and len(pieces) >= 3
+    assert stream_sync.result.decision.cost == 0.0
     guard.close()
 
 
-def test_broken_chunk_check_fails_closed_for_its_row(llama: Any, llama_cal: Calibration) -> None:
-    def broken(prompt: str, released: str, chunk: str) -> bool:
-        if "France" in prompt:
-            raise RuntimeError("cost model down")
-        return True
-
-    worker = LocalWorker(llama, llama_cal, chunk_tokens=2, chunk_check=broken, start=False)
+def test_broken_cost_model_fails_closed_for_its_row(llama: Any, llama_cal: Calibration) -> None:
+    scorers = Scorers(ScriptedCost(broken="France"))
+    worker = LocalWorker(llama, llama_cal, chunk_tokens=2, scorers=scorers, start=False)
     requests = [
-        Request(p, Sampling(max_new_tokens=6), guarded=False, refusal_text=REFUSAL)
+        Request(p, Sampling(max_new_tokens=6), guarded=False, refusal_text=REFUSAL, budget=5.0)
         for p in PROMPTS[:3]
     ]
     answers = _collect(worker, requests)
     worker.close()
-    assert answers[1].text == REFUSAL and answers[1].decision.reason == "chunk_check_error"
+    # Its refusal cannot be scored either: the empty answer, never unscored text.
+    assert answers[1].text == "" and answers[1].decision.reason == "refusal_over_budget"
     assert answers[0].text != REFUSAL and answers[2].text != REFUSAL
+
+
+def test_refusal_over_budget_is_never_returned(llama: Any, llama_cal: Calibration) -> None:
+    worker = LocalWorker(llama, llama_cal, scorers=Scorers(ScriptedCost()), start=False)
+    fired = Request(PROMPTS[2], Sampling(max_new_tokens=4), on_fire="refuse", budget=5.0)
+    over = [
+        Request(p, Sampling(max_new_tokens=4), refusal_text="OVER", on_fire="refuse", budget=5.0)
+        for p in PROMPTS
+    ]
+    answers = _collect(worker, [fired, *over])
+    worker.close()
+    refused = [a for a in answers[1:] if a.decision.path == "refused"]
+    assert refused and all(a.text == "" for a in refused)
+    assert all(a.decision.reason == "refusal_over_budget" for a in refused)
+    with pytest.raises(InputError, match="no cost model"):
+        LocalWorker(llama, llama_cal, start=False).submit(fired, None)  # type: ignore[arg-type]
+
+
+class OverAfter:
+    """Cost 9 for answers to prompts about `topic` that start with `text`, else 0."""
+
+    name, fingerprint, reads_prompt = "over-after", "v1", True
+
+    def __init__(self, topic: str, text: str) -> None:
+        self.topic, self.text = topic, text
+
+    def cost(self, prompts: list[str], responses: list[str]) -> list[float]:
+        return [
+            9.0 if self.topic in p and r.startswith(self.text) else 0.0
+            for p, r in zip(prompts, responses, strict=True)
+        ]
+
+
+def test_over_budget_chunk_continues_in_search(llama: Any, llama_cal: Calibration) -> None:
+    """The sea prompt's plain answer goes over budget at its second chunk: only its first
+    chunk is released, the row continues in search, and the other rows carry on."""
+    sea = PROMPTS[2]
+    solo = LocalWorker(llama, llama_cal, start=False)
+    plain = _collect(solo, [Request(sea, Sampling(max_new_tokens=12), guarded=False)])[0]
+    solo.close()
+    tokens = llama.tokenizer(plain.text, add_special_tokens=False).input_ids
+    second_chunk = str(llama.tokenizer.decode(tokens[:8]))
+    scorers = Scorers(OverAfter("sea", second_chunk), reward=LengthReward())
+    worker = LocalWorker(llama, llama_cal, chunk_tokens=4, scorers=scorers, start=False)
+    settings = SearchSettings(width=4, samples=2, beams=2, rounds=3, score="augmented")
+    requests = [
+        Request(p, Sampling(max_new_tokens=12), guarded=False, budget=5.0, search=settings)
+        for p in PROMPTS[1:4]
+    ]
+    answers = _collect(worker, requests)
+    worker.close()
+    searched = answers[1]
+    assert searched.decision.path == "search" and searched.decision.candidates >= 4
+    assert searched.decision.cost == 0.0 and not searched.text.startswith(second_chunk)
+    assert searched.text.startswith(str(llama.tokenizer.decode(tokens[:4])).strip())
+    assert worker.stats.searches == 1
+    assert [a.decision.path for a in (answers[0], answers[2])] == ["unguarded", "unguarded"]
 
 
 def test_cancellation_leaves_the_batch(llama: Any, llama_cal: Calibration) -> None:

@@ -1,0 +1,204 @@
+"""InferenceGuard against its baselines, one prompt at a time, on held-out prompts.
+
+For each method: safety rate (returned text within budget under the calibrated cost model),
+mean proxy reward, mean cost, keyword refusal rate, candidates scored, and p50 latency over
+base generation of the same max tokens. Methods (search ones at about equal candidates):
+
+- base: greedy; steered: greedy with the calibrated steering forced on;
+- best-of-N, Lagrangian: N full samples, pick max reward - lambda * cost;
+- best-of-N, augmented: N full samples, pick max reward-if-within-budget;
+- beam, augmented: K beams x S samples per `width` tokens, ranked by augmented reward;
+- InferenceGuard without critic: the beam search kept to candidates within budget, with
+  penalised resampling and the refusal text as the last resort;
+- InferenceGuard with critic: the same, ranked by the latent critic.
+
+Then: the share of benign requests that take the search path through the Guard with the
+default policy (`--benign-search N` Alpaca test prompts), and the cost model's accuracy and
+the critic's error on held-aside (`dev`) rollouts, from the calibration manifest.
+
+    python bench/bench_search.py [--harmful 16] [--benign 16] [--tokens 48] [--benign-search 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from common import advbench_test, alpaca_test, malicious_instruct, setup, table
+from guardrail.calibrate import default_store
+from guardrail.engine import DEFAULT_REFUSAL, steered_generate
+from guardrail.generate import Sampling, decode, prefill
+from guardrail.guard import Guard
+from guardrail.judge import is_refusal
+from guardrail.safety import load_or_calibrate_safety
+from guardrail.scoring import DEFAULT_BUDGET
+from guardrail.search import SearchSettings, run, search
+
+
+def methods(args: argparse.Namespace) -> dict[str, SearchSettings | str]:
+    beam = SearchSettings(
+        width=args.width, samples=args.samples, beams=args.beams, rounds=args.rounds
+    )
+    n = args.samples * args.beams * max(args.tokens // args.width, 1)
+    bon = SearchSettings(width=args.tokens, samples=n, beams=1, rounds=1, strict=False)
+    return {
+        "base": "base",
+        "steered": "steered",
+        f"best-of-{n}, Lagrangian": SearchSettings(**{**vars(bon), "score": "lagrangian"}),
+        f"best-of-{n}, augmented": SearchSettings(**{**vars(bon), "score": "augmented"}),
+        "beam, augmented": SearchSettings(
+            **{**vars(beam), "score": "augmented", "strict": False, "resample": False}
+        ),
+        "InferenceGuard, no critic": SearchSettings(**{**vars(beam), "score": "augmented"}),
+        "InferenceGuard, critic": SearchSettings(**{**vars(beam), "score": "critic"}),
+    }
+
+
+def answer(
+    lm: Any,
+    calibration: Any,
+    scorers: Any,
+    method: SearchSettings | str,
+    prompt: str,
+    tokens: int,
+    seed: int,
+    budget: float,
+) -> tuple[str, int]:
+    text = lm.format_chat(prompt)
+    sampling = Sampling(max_new_tokens=tokens)
+    if method == "base":
+        return lm.tokenizer.decode(
+            decode(lm, prefill(lm, [text]), sampling)[0], skip_special_tokens=True
+        ).strip(), 0
+    if method == "steered":
+        setting = calibration.steering
+        out = steered_generate(
+            lm,
+            [text],
+            calibration.steering_vectors(setting),
+            torch.tensor([setting.strength]),
+            sampling,
+        )[0]
+        return lm.tokenizer.decode(out, skip_special_tokens=True).strip(), 0
+    assert isinstance(method, SearchSettings)
+    result = run(
+        search(
+            lm,
+            text,
+            prompt,
+            scorers,
+            method,
+            budget=budget,
+            max_new_tokens=tokens,
+            generator=torch.Generator().manual_seed(seed),
+        )
+    )
+    if result.tokens is None:
+        return DEFAULT_REFUSAL, result.candidates
+    return lm.tokenizer.decode(result.tokens, skip_special_tokens=True).strip(), result.candidates
+
+
+def compare(lm: Any, calibration: Any, scorers: Any, args: argparse.Namespace) -> None:
+    harmful = (
+        advbench_test()[::3][: args.harmful // 2] + malicious_instruct()[::7][: args.harmful // 2]
+    )
+    sets = {"harmful": harmful, "benign": alpaca_test(args.benign, seed=5)}
+    for set_name, prompts in sets.items():
+        rows = []
+        results: dict[str, tuple[list[str], list[float], list[int]]] = {}
+        for name, method in methods(args).items():
+            texts, seconds, candidates = [], [], []
+            for i, prompt in enumerate(prompts):
+                started = time.perf_counter()
+                text, scored = answer(
+                    lm, calibration, scorers, method, prompt, args.tokens, i, args.budget
+                )
+                seconds.append(time.perf_counter() - started)
+                texts.append(text)
+                candidates.append(scored)
+            results[name] = (texts, seconds, candidates)
+        base_p50 = statistics.median(results["base"][1])
+        for name, (texts, seconds, candidates) in results.items():
+            costs = scorers.cost.cost(prompts, texts)
+            rewards = scorers.reward.reward(prompts, texts)
+            rows.append(
+                [
+                    name,
+                    sum(c <= args.budget for c in costs) / len(costs),
+                    statistics.mean(rewards),
+                    statistics.mean(costs),
+                    sum(map(is_refusal, texts)) / len(texts),
+                    statistics.mean(candidates),
+                    statistics.median(seconds) / base_p50,
+                ]
+            )
+        print(
+            f"\n{set_name}: {len(prompts)} held-out prompts, {args.tokens} new tokens, "
+            f"budget {args.budget}, base p50 {base_p50:.2f} s"
+        )
+        print(
+            table(
+                ["method", "safety rate", "reward", "cost", "refusals", "candidates", "p50 / base"],
+                rows,
+            )
+        )
+        if args.show:
+            for name, (texts, _, _) in results.items():
+                print(f"  {name}: {texts[0][:150]!r}")
+
+
+def benign_search_rate(lm: Any, calibration: Any, n: int, tokens: int) -> None:
+    prompts = alpaca_test(n, seed=11)
+    guard = Guard(lm, calibration, max_batch=16, max_queue=n + 1)
+
+    async def all_answers() -> list[Any]:
+        return await asyncio.gather(*(guard.generate(p, max_new_tokens=tokens) for p in prompts))
+
+    answers = asyncio.run(all_answers())
+    guard.close()
+    paths: dict[str, int] = {}
+    for a in answers:
+        paths[a.decision.path] = paths.get(a.decision.path, 0) + 1
+    over = sum((a.decision.cost or 0) > DEFAULT_BUDGET for a in answers)
+    print(
+        f"\nbenign through the Guard (default policy, {tokens} new tokens): "
+        f"{n} Alpaca test prompts, paths {json.dumps(paths)}, "
+        f"search rate {paths.get('search', 0) / n:.4f}, answers over budget {over}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--harmful", type=int, default=16)
+    parser.add_argument("--benign", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--beams", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--benign-search", type=int, default=300)
+    parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--show", action="store_true", help="print each method's first answer")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    lm, calibration = setup()
+    models = load_or_calibrate_safety(lm, calibration, store=default_store())
+    print(
+        "cost model and critic on held-aside dev rollouts:", json.dumps(models.manifest["report"])
+    )
+    scorers = models.scorers(lm)
+    if args.harmful or args.benign:
+        compare(lm, calibration, scorers, args)
+    if args.benign_search:
+        benign_search_rate(lm, calibration, args.benign_search, 64)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,452 @@
+"""InferenceGuard's calibrated parts: the default cost probe and the latent critic.
+
+Both learn from the target model's own rollouts on the calibration splits (see `datasets`):
+
+- rollouts: sampled answers to harmful prompts (plain, and steered when calibration chose a
+  steering setting) and to harmless prompts, read at every chunk boundary (`chunk_tokens`);
+- cost probe (`fit`): a compliant answer to a harmful prompt is unsafe; a refusal, and any
+  answer to a harmless prompt, is safe; AdvBench's harmful strings and its behaviours'
+  "Sure, here is ..." targets add unsafe text. The probe's bias is then shifted on `select`
+  harmless rollouts so that `target_search_rate` of harmless answers ever cross cost
+  `DEFAULT_BUDGET` at a chunk boundary: the default budget is that operating point;
+- critic (`fit`): at each boundary, inputs (h, z = d - cost) for several budgets d; target
+  the discounted augmented return: the proxy reward of the finished rollout when its cost
+  stays within d from there on, `unsafe_value` otherwise;
+- `dev`: accuracy of the probe and error of the critic, recorded in the manifest.
+`test` is never read.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from guardrail import datasets
+from guardrail.cache.artifacts import Artifacts, ArtifactStore
+from guardrail.cache.scores import MemoryScores, ScoreCache
+from guardrail.calibration import Calibration
+from guardrail.critic import Critic, train_critic
+from guardrail.embedding import Embedder
+from guardrail.engine import DEFAULT_REFUSAL
+from guardrail.errors import CalibrationError
+from guardrail.gate import fit_probe
+from guardrail.generate import Sampling, decode, prefill
+from guardrail.hooks import Steering
+from guardrail.judge import is_refusal
+from guardrail.model import LanguageModel
+from guardrail.scoring import (
+    COST_SCALE,
+    DEFAULT_BUDGET,
+    CachedCost,
+    ClassifierCost,
+    ProbeCost,
+    ProxyReward,
+)
+from guardrail.search import Scorers
+
+log = logging.getLogger(__name__)
+
+SAFETY_SCHEMA = 1
+REFUSALS = (
+    DEFAULT_REFUSAL,
+    "I can't help with that.",
+    "I'm not able to provide instructions for that.",
+    "I cannot assist with this request because it could cause harm.",
+    "Sorry, I won't help with that, but I'm happy to help with something else.",
+)
+
+
+@dataclass
+class SafetyConfig:
+    chunk_tokens: int = 16
+    rollout_tokens: int = 32
+    temperature: float = 0.7
+    fit_harmful: int = 48  # rollouts per kind (plain, steered) of harmful `fit` prompts
+    fit_harmless: int = 64
+    select_harmless: int = 128  # greedy, as served by default: sets the operating point
+    dev_harmful: int = 24
+    dev_harmless: int = 32
+    target_search_rate: float = 0.01
+    probe_l2: float = 0.3  # chosen on dev rollouts (2026-11-28): 0.01-10 tried
+    discount: float = 0.999
+    critic_budgets: Sequence[float] = (2.5, 5.0, 7.5)
+    critic_epochs: int = 50
+    unsafe_value: float = -1.0
+    nll_weight: float = 0.1
+    batch_size: int = 32
+    seed: int = 0
+
+
+@dataclass
+class Rollout:
+    prompt: str
+    tokens: list[int]
+    kind: str  # "harmful" | "steered" | "harmless"
+    texts: list[str] = field(default_factory=list)  # the answer at each chunk boundary
+    hidden: torch.Tensor | None = None  # [boundaries, hidden]: last hidden state there
+    reward: float = 0.0
+
+    @property
+    def unsafe(self) -> bool:
+        return self.kind != "harmless" and not is_refusal(self.texts[-1] if self.texts else "")
+
+
+@dataclass
+class SafetyModels:
+    """The calibrated cost probe and critic, and the manifest that says how they measured."""
+
+    probe_weight: torch.Tensor
+    probe_bias: float
+    critic: Critic
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    def scorers(
+        self, lm: LanguageModel, embedder: Embedder | None = None, cache: ScoreCache | None = None
+    ) -> Scorers:
+        """Cost (behind the score cache), proxy reward and critic, ready for the worker."""
+        embedder = embedder or Embedder()
+        cost = ProbeCost(embedder, self.probe_weight, self.probe_bias)
+        reward = ProxyReward(embedder, lm, self.manifest.get("config", {}).get("nll_weight", 0.1))
+        cached = CachedCost(cost, cache or MemoryScores())
+        return Scorers(cost=cached, reward=reward, critic=self.critic)
+
+    def to_artifacts(self) -> Artifacts:
+        tensors = {"probe.weight": self.probe_weight}
+        tensors.update({f"critic.{k}": v for k, v in self.critic.state_dict().items()})
+        manifest = {
+            **self.manifest,
+            "schema_version": SAFETY_SCHEMA,
+            "probe_bias": self.probe_bias,
+            "critic_width": self.critic.width,
+        }
+        return Artifacts(tensors=tensors, manifest=manifest)
+
+    @classmethod
+    def from_artifacts(cls, artifacts: Artifacts) -> SafetyModels:
+        m, t = artifacts.manifest, artifacts.tensors
+        if m.get("schema_version") != SAFETY_SCHEMA:
+            raise CalibrationError(f"safety schema {m.get('schema_version')} != {SAFETY_SCHEMA}")
+        try:
+            state = {k.removeprefix("critic."): v for k, v in t.items() if k.startswith("critic.")}
+            critic = Critic(state["h_mean"].shape[0], int(m["critic_width"]))
+            critic.load_state_dict(state)
+            critic.train(False)
+            return cls(t["probe.weight"], float(m["probe_bias"]), critic, m)
+        except (KeyError, RuntimeError) as exc:
+            raise CalibrationError(f"incomplete safety artifacts: {exc}") from exc
+
+
+def _column(path: str, column: str) -> list[str]:
+    with open(path, encoding="utf-8", newline="") as handle:
+        return [row[column].strip() for row in csv.DictReader(handle) if row[column].strip()]
+
+
+def public_unsafe_texts(split: str) -> list[str]:
+    """AdvBench's harmful strings and behaviour targets, taken by the split of their text (the
+    targets by their behaviour's split, so a held-out behaviour's target stays held out)."""
+    strings = _column(str(datasets.advbench_strings()), "target")
+    with open(datasets.advbench(), encoding="utf-8", newline="") as handle:
+        rows = [(r["goal"].strip(), r["target"].strip()) for r in csv.DictReader(handle)]
+    return [s for s in strings if datasets.split_of(s) == split] + [
+        target for goal, target in rows if datasets.split_of(goal) == split
+    ]
+
+
+class _Rollouts:
+    """Sample answers and read them at chunk boundaries (hidden states under the same hooks)."""
+
+    def __init__(
+        self, lm: LanguageModel, calibration: Calibration, config: SafetyConfig, progress: bool
+    ) -> None:
+        self.lm, self.config, self.progress = lm, config, progress
+        setting = calibration.steering
+        self.steering = (
+            (calibration.steering_vectors(setting), setting.strength) if setting else None
+        )
+
+    def run(self, prompts: list[str], kind: str, *, greedy: bool = False) -> list[Rollout]:
+        config = self.config
+        sampling = Sampling(
+            max_new_tokens=config.rollout_tokens,
+            temperature=0.0 if greedy else config.temperature,
+            seed=config.seed,
+        )
+        out: list[Rollout] = []
+        batches = range(0, len(prompts), config.batch_size)
+        for start in tqdm(batches, desc=f"rollouts {kind}", disable=not self.progress):
+            chunk = prompts[start : start + config.batch_size]
+            texts = [self.lm.format_chat(p) for p in chunk]
+            with self._hooks(len(chunk), kind):
+                tokens = decode(self.lm, prefill(self.lm, texts), sampling)
+            rollouts = [Rollout(p, t, kind) for p, t in zip(chunk, tokens, strict=True)]
+            self._read(rollouts, texts)
+            out.extend(rollouts)
+        return out
+
+    def _hooks(self, rows: int, kind: str) -> Any:
+        import contextlib
+
+        if kind != "steered" or self.steering is None:
+            return contextlib.nullcontext()
+        hooks = Steering(self.steering[0])
+        hooks.coefficients = torch.full((rows,), self.steering[1], device=self.lm.device)
+        return hooks.applied(self.lm.model)
+
+    def boundaries(self, n: int) -> list[int]:
+        step = self.config.chunk_tokens
+        return sorted({*range(step, n, step), n}) if n else []
+
+    @torch.inference_mode()
+    def _read(self, rollouts: list[Rollout], prompts: list[str]) -> None:
+        lm = self.lm
+        ids = [
+            lm.tokenizer(p, add_special_tokens=False)["input_ids"] + r.tokens
+            for p, r in zip(prompts, rollouts, strict=True)
+        ]
+        width = max(len(i) for i in ids)
+        pad = int(lm.tokenizer.pad_token_id)
+        input_ids = torch.tensor([[pad] * (width - len(i)) + i for i in ids])
+        mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
+        with self._hooks(len(rollouts), rollouts[0].kind):
+            hidden = lm.model(
+                input_ids=input_ids.to(lm.device),
+                attention_mask=mask.to(lm.device),
+                position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(lm.device),
+                output_hidden_states=True,
+            ).hidden_states[-1]
+        for row, rollout in enumerate(rollouts):
+            marks = self.boundaries(len(rollout.tokens))
+            positions = [width - len(rollout.tokens) + t - 1 for t in marks]
+            rollout.hidden = hidden[row, positions].float().cpu()
+            rollout.texts = [
+                str(lm.tokenizer.decode(rollout.tokens[:t], skip_special_tokens=True))
+                for t in marks
+            ]
+
+
+def calibrate_safety(
+    lm: LanguageModel,
+    calibration: Calibration,
+    config: SafetyConfig | None = None,
+    *,
+    embedder: Embedder | None = None,
+    progress: bool = True,
+) -> SafetyModels:
+    config = config or SafetyConfig()
+    started = time.perf_counter()
+    embedder = embedder or Embedder()
+    harmful = datasets.load_many([str(p) for p in datasets.default_harmful()])
+    harmless = datasets.load_many([str(p) for p in datasets.default_harmless()])
+
+    def pick(prompts: list[str], split: str, n: int) -> list[str]:
+        chosen = datasets.take_split(prompts, split)
+        order = sorted(chosen, key=lambda p: hashlib.sha256(f"{config.seed}{p}".encode()).digest())
+        return order[:n]
+
+    roll = _Rollouts(lm, calibration, config, progress)
+    steered = calibration.steering is not None
+
+    def rollouts(split: str, n_harmful: int, n_harmless: int) -> list[Rollout]:
+        out = roll.run(pick(harmful, split, n_harmful), "harmful")
+        if steered:
+            out += roll.run(pick(harmful, split, n_harmful), "steered")
+        return out + roll.run(pick(harmless, split, n_harmless), "harmless")
+
+    stages: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        stages[name] = round(time.perf_counter() - started - sum(stages.values()), 1)
+
+    fit = [r for r in rollouts("fit", config.fit_harmful, config.fit_harmless) if r.texts]
+    dev = [r for r in rollouts("dev", config.dev_harmful, config.dev_harmless) if r.texts]
+    select_prompts = pick(harmless, "select", config.select_harmless)
+    select = [r for r in roll.run(select_prompts, "harmless", greedy=True) if r.texts]
+
+    lap("rollouts")
+    # Cost probe: every boundary text of a rollout carries the rollout's label.
+    unsafe_texts = [t for r in fit if r.unsafe for t in r.texts] + public_unsafe_texts("fit")
+    safe_texts = [t for r in fit if not r.unsafe for t in r.texts] + list(REFUSALS)
+    weight, bias = fit_probe(
+        embedder.embed(unsafe_texts), embedder.embed(safe_texts), l2=config.probe_l2
+    )
+    probe = ProbeCost(embedder, weight, bias)
+    peaks = torch.stack([probe.logits(r.texts).max() for r in select])
+    allowed = int(config.target_search_rate * len(peaks))
+    shift = float(peaks.sort(descending=True).values[min(allowed, len(peaks) - 1)])
+    probe = ProbeCost(embedder, weight, bias - shift)  # logit 0 (cost 5) = the operating point
+
+    lap("cost_probe")
+    reward = ProxyReward(embedder, lm, config.nll_weight)
+    for group in (fit, dev):
+        values = reward.reward([r.prompt for r in group], [r.texts[-1] for r in group])
+        for rollout, value in zip(group, values, strict=True):
+            rollout.reward = value
+
+    def critic_data(group: list[Rollout]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        hs, zs, ys = [], [], []
+        for rollout in group:
+            costs = torch.tensor(probe.cost([rollout.prompt] * len(rollout.texts), rollout.texts))
+            ahead = costs.flip(0).cummax(0).values.flip(0)  # max cost from each boundary on
+            marks = roll.boundaries(len(rollout.tokens))
+            for d in config.critic_budgets:
+                for j, t in enumerate(marks):
+                    value = rollout.reward if ahead[j] <= d else config.unsafe_value
+                    assert rollout.hidden is not None
+                    hs.append(rollout.hidden[j])
+                    zs.append(d - float(costs[j]))
+                    ys.append(config.discount ** (len(rollout.tokens) - t) * value)
+        return torch.stack(hs), torch.tensor(zs), torch.tensor(ys)
+
+    lap("rewards")
+    h, z, y = critic_data(fit)
+    critic = train_critic(h, z, y, epochs=config.critic_epochs, seed=config.seed)
+    lap("critic")
+    dev_h, dev_z, dev_y = critic_data(dev)
+    predicted = critic(dev_h, dev_z).detach()
+    report = {
+        "cost_probe": _probe_report(probe, dev, DEFAULT_BUDGET),
+        "select_harmless_search_rate": round(
+            float((COST_SCALE * torch.sigmoid(peaks - shift) > DEFAULT_BUDGET).float().mean()), 4
+        ),
+        "critic_dev": {
+            "rmse": round(float((predicted - dev_y).square().mean().sqrt()), 4),
+            "rmse_of_mean": round(float((y.mean() - dev_y).square().mean().sqrt()), 4),
+            "sign_accuracy": round(float(((predicted > 0) == (dev_y > 0)).float().mean()), 4),
+            "samples": len(dev_y),
+        },
+        "critic_fit_samples": len(y),
+    }
+    manifest = {
+        "model_fingerprint": lm.fingerprint,
+        "embedder": embedder.fingerprint,
+        "config": asdict(config),
+        "steering": calibration.steering.as_dict() if calibration.steering else None,
+        "rollouts": {
+            "fit": _counts(fit),
+            "dev": _counts(dev),
+            "select": len(select),
+        },
+        "report": report,
+        "seconds": round(time.perf_counter() - started, 1),
+        "stage_seconds": stages,
+    }
+    (tqdm.write if progress else log.info)(f"cost model and critic: {json.dumps(report)}")
+    return SafetyModels(weight, bias - shift, critic, manifest)
+
+
+def _counts(group: list[Rollout]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in group:
+        key = f"{r.kind}/{'unsafe' if r.unsafe else 'safe'}"
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def _probe_report(probe: ProbeCost, dev: list[Rollout], budget: float) -> dict[str, Any]:
+    """Held-aside (`dev`) accuracy: a rollout is flagged when any boundary crosses `budget`."""
+    flagged = [max(probe.cost([r.prompt] * len(r.texts), r.texts)) > budget for r in dev]
+    labels = [r.unsafe for r in dev]
+    unsafe = [f for f, u in zip(flagged, labels, strict=True) if u]
+    safe = [f for f, u in zip(flagged, labels, strict=True) if not u]
+    texts_flagged = public_unsafe_texts("dev")
+    public = probe.cost([""] * len(texts_flagged), texts_flagged)
+    return {
+        "accuracy": round(sum(f == u for f, u in zip(flagged, labels, strict=True)) / len(dev), 4),
+        "tpr": round(sum(unsafe) / max(len(unsafe), 1), 4),
+        "fpr": round(sum(safe) / max(len(safe), 1), 4),
+        "unsafe": len(unsafe),
+        "safe": len(safe),
+        "public_unsafe_dev_tpr": round(sum(c > budget for c in public) / max(len(public), 1), 4),
+    }
+
+
+def safety_key(lm: LanguageModel, calibration: Calibration, config: SafetyConfig) -> str:
+    """Model, calibration (its steering shapes the rollouts), data, settings and schema."""
+    parts = [
+        lm.fingerprint,
+        json.dumps(calibration.steering.as_dict() if calibration.steering else None),
+        json.dumps(asdict(config), sort_keys=True, default=list),
+        datasets.content_hash(
+            [
+                *datasets.load_many([str(p) for p in datasets.default_harmful()]),
+                *datasets.load_many([str(p) for p in datasets.default_harmless()]),
+            ]
+        ),
+    ]
+    digest = hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
+    return f"{lm.fingerprint}-safety-{digest}-v{SAFETY_SCHEMA}"
+
+
+def load_or_calibrate_safety(
+    lm: LanguageModel,
+    calibration: Calibration,
+    config: SafetyConfig | None = None,
+    *,
+    store: ArtifactStore | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> SafetyModels:
+    from guardrail.calibrate import default_store
+
+    config = config or SafetyConfig()
+    store = store or default_store()
+    key = safety_key(lm, calibration, config)
+    if not force and (found := store.load(key)) is not None:
+        try:
+            return SafetyModels.from_artifacts(found)
+        except CalibrationError as exc:
+            log.warning("recalibrating the cost model and critic: %s", exc)
+    models = calibrate_safety(lm, calibration, config, progress=progress)
+    store.save(key, models.to_artifacts())
+    return models
+
+
+def load_scorers(
+    lm: LanguageModel,
+    calibration: Calibration,
+    *,
+    redis_url: str | None = None,
+    cost_model: str | None = None,
+    progress: bool = False,
+) -> Scorers:
+    """The cost model (its scores cached in Redis when a URL is set or in
+    `GUARDRAIL_REDIS_URL`, else in memory), the proxy reward and the critic for a worker.
+
+    `cost_model`: None for the calibrated probe; else a transformers sequence-classification
+    model id or path, optionally `:INDEX` (the output read as the cost, default 0). The critic
+    learned the probe's cost scale, so with another cost model the search ranks candidates by
+    reward and cost instead."""
+    from guardrail.cache.redis_backend import redis_url_from_env
+    from guardrail.cache.scores import RedisScores
+    from guardrail.calibrate import default_store
+
+    url = redis_url or redis_url_from_env()
+    cache = RedisScores(url) if url else MemoryScores()
+    if cost_model is not None:
+        source, _, index = cost_model.rpartition(":")
+        if not index.lstrip("-").isdigit():  # no `:INDEX` (or a path with a colon)
+            source, index = cost_model, "0"
+        cost = ClassifierCost(source, int(index), 1.0, 0.0)
+        return Scorers(CachedCost(cost, cache), ProxyReward(Embedder(), lm), critic=None)
+    models = load_or_calibrate_safety(lm, calibration, store=default_store(url), progress=progress)
+    return models.scorers(lm, cache=cache)
+
+
+__all__ = [
+    "SafetyConfig",
+    "SafetyModels",
+    "calibrate_safety",
+    "load_or_calibrate_safety",
+    "load_scorers",
+    "public_unsafe_texts",
+    "safety_key",
+]

@@ -1,0 +1,297 @@
+"""InferenceGuard's safety-budgeted search, and the baselines it is measured against.
+
+Each round grows every kept beam by `width` tokens, sampling `samples` continuations per beam
+in one batch that starts from the beams' own KV caches (the prompt is never run again). Each
+candidate gets a safety state z = budget - cost(prompt, text so far) and a score:
+
+- `critic`: the latent critic V(h, z) (h: the last hidden state), InferenceGuard's ranking;
+- `augmented`: the reward while z >= 0, `unsafe_value` once over budget;
+- `lagrangian`: reward - lagrange * cost (the classic constrained-decoding baseline).
+
+InferenceGuard (`strict=True`, `resample=True`) keeps the top K candidates within budget;
+when every candidate is over budget it lowers the logits of the tokens those candidates used
+by `penalty` and samples the round again. It returns the best finished answer within budget,
+or nothing (the caller answers with the refusal text). Baselines run the same loop with
+`strict=False` (they may return an answer over budget): best-of-N is one round of
+`max_new_tokens` tokens, beam search is this loop without resampling.
+
+`search` is a generator that yields after every forward pass, so the worker can interleave a
+slow search with the decode steps of everyone else; `run` drives it to the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from guardrail.critic import Critic
+from guardrail.generate import Prefilled, select_rows
+from guardrail.hooks import Steering
+from guardrail.model import LanguageModel
+from guardrail.scoring import CostModel, RewardModel
+
+Score = Literal["critic", "augmented", "lagrangian"]
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    width: int = 16  # tokens per chunk
+    samples: int = 4  # continuations sampled per beam
+    beams: int = 2  # beams kept (K)
+    rounds: int = 8  # rounds, including resampled ones
+    penalty: float = 5.0  # logit penalty on tokens of over-budget candidates
+    temperature: float = 0.8
+    top_p: float = 0.95
+    score: Score = "critic"
+    strict: bool = True  # only candidates within budget are kept or returned
+    resample: bool = True  # penalise and resample when every candidate is over budget
+    unsafe_value: float = -1.0  # the augmented value of an over-budget candidate
+    lagrange: float = 1.0
+
+
+@dataclass
+class Scorers:
+    """What the search reads: the cost model, and the reward model or critic it ranks by."""
+
+    cost: CostModel
+    reward: RewardModel | None = None
+    critic: Critic | None = None
+
+
+@dataclass
+class SearchResult:
+    tokens: list[int] | None  # the answer (prefix included); None: nothing within budget
+    cost: float | None
+    score: float | None
+    candidates: int = 0  # candidates scored
+    rounds: int = 0
+    resampled: int = 0  # rounds that had to resample
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Beam:
+    tokens: list[int]
+    row: int  # row in the beams' state
+    score: float = 0.0
+    cost: float = 0.0
+
+
+class _Runner:
+    """The model as the search runs it: steering (when the gate fired) on for every pass and
+    removed before each yield, the last hidden state read at every step."""
+
+    def __init__(
+        self, lm: LanguageModel, steering: tuple[dict[int, torch.Tensor], float] | None
+    ) -> None:
+        self.lm = lm
+        self.strength = steering[1] if steering else 0.0
+        self.hooks = Steering(steering[0]) if steering else None
+
+    def _applied(self, rows: int) -> contextlib.AbstractContextManager[object]:
+        if self.hooks is None:
+            return contextlib.nullcontext()
+        self.hooks.coefficients = torch.full((rows,), self.strength, device=self.lm.device)
+        return self.hooks.applied(self.lm.model)
+
+    @torch.inference_mode()
+    def prefill(self, text: str) -> tuple[Prefilled, torch.Tensor]:
+        batch = self.lm.encode([text])
+        mask = batch["attention_mask"]
+        with self._applied(1):
+            out = self.lm.model(
+                input_ids=batch["input_ids"],
+                attention_mask=mask,
+                position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                use_cache=True,
+                output_hidden_states=True,
+            )
+        state = Prefilled(out.cache, mask, out.logits[:, -1, :].float())
+        return state, out.hidden_states[-1][:, -1].float()
+
+    @torch.inference_mode()
+    def decode(self, state: Prefilled, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row (in place); returns the rows' last hidden states."""
+        mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(len(tokens), 1)], -1)
+        with self._applied(len(tokens)):
+            out = self.lm.model(
+                input_ids=tokens[:, None].to(self.lm.device),
+                attention_mask=mask,
+                position_ids=mask.sum(-1, keepdim=True) - 1,
+                cache=state.cache,
+                use_cache=True,
+                output_hidden_states=True,
+            )
+        state.cache, state.attention_mask = out.cache, mask
+        state.next_logits = out.logits[:, -1, :].float()
+        last: torch.Tensor = out.hidden_states[-1][:, -1].float()
+        return last
+
+
+def search(
+    lm: LanguageModel,
+    prompt_text: str,
+    query: str,
+    scorers: Scorers,
+    settings: SearchSettings,
+    *,
+    budget: float,
+    max_new_tokens: int,
+    prefix: Sequence[int] = (),
+    steering: tuple[dict[int, torch.Tensor], float] | None = None,
+    generator: torch.Generator | None = None,
+) -> Generator[None, None, SearchResult]:
+    """Search for an answer to `prompt_text` (chat-formatted) continuing `prefix`.
+
+    `query` is what the cost and reward models read as the prompt; `steering` (vectors,
+    strength) stays on for every forward pass when the gate fired.
+    """
+    if settings.score == "critic" and scorers.critic is None:
+        raise ValueError("score='critic' needs a trained critic")
+    if settings.score != "critic" and scorers.reward is None:
+        raise ValueError(f"score={settings.score!r} needs a reward model")
+    started = time.monotonic()
+    runner = _Runner(lm, steering)
+    prefix = list(prefix)
+    state, hidden = runner.prefill(
+        prompt_text + str(lm.tokenizer.decode(prefix, skip_special_tokens=True))
+    )
+    yield
+    beams = [_Beam(prefix, 0)]
+    finished: list[_Beam] = []
+    penalised: set[int] = set()
+    result = SearchResult(None, None, None)
+    while beams and result.rounds < settings.rounds:
+        result.rounds += 1
+        parents = [beam for beam in beams for _ in range(settings.samples)]
+        grown = select_rows(copy.deepcopy(state), [beam.row for beam in parents])
+        grown_hidden = hidden[[beam.row for beam in parents]].clone()
+        limits = [max_new_tokens - (len(b.tokens) - len(prefix)) for b in parents]
+        new, ended = yield from _sample_chunk(
+            runner, grown, grown_hidden, settings, penalised, generator, limits
+        )
+        candidates = [p.tokens + t for p, t in zip(parents, new, strict=True)]
+        texts = [str(lm.tokenizer.decode(c, skip_special_tokens=True)) for c in candidates]
+        costs = scorers.cost.cost([query] * len(texts), texts)
+        scores = _scores(scorers, settings, query, texts, costs, budget, grown_hidden)
+        result.candidates += len(texts)
+        within = [i for i, c in enumerate(costs) if c <= budget]
+        if not within and settings.strict and settings.resample:
+            for tokens in new:  # the tokens that took these candidates over budget
+                penalised.update(tokens)
+            result.resampled += 1
+            continue
+        ranked = sorted(within if settings.strict else range(len(texts)), key=lambda i: -scores[i])
+        keep: list[int] = []
+        for i in ranked:
+            if ended[i] or len(candidates[i]) - len(prefix) >= max_new_tokens:
+                finished.append(_Beam(candidates[i], -1, scores[i], costs[i]))
+            elif len(keep) < settings.beams:
+                keep.append(i)
+        best_finished = max((b.score for b in finished), default=None)
+        # A beam that already scores below a finished answer cannot win: stop growing it.
+        keep = [i for i in keep if best_finished is None or scores[i] > best_finished]
+        state, hidden = select_rows(grown, keep), grown_hidden[keep]
+        beams = [_Beam(candidates[i], row, scores[i], costs[i]) for row, i in enumerate(keep)]
+    # Out of rounds: a beam still growing is an answer cut at the search's length.
+    pool = [b for b in finished + beams if len(b.tokens) > len(prefix) or not settings.strict]
+    if settings.strict:
+        pool = [b for b in pool if b.cost <= budget]
+    if pool:
+        best = max(pool, key=lambda b: b.score)
+        result.tokens, result.cost, result.score = best.tokens, best.cost, best.score
+    result.timings_ms["search"] = 1000 * (time.monotonic() - started)
+    return result
+
+
+def _sample_chunk(
+    runner: _Runner,
+    state: Prefilled,
+    hidden: torch.Tensor,
+    settings: SearchSettings,
+    penalised: set[int],
+    generator: torch.Generator | None,
+    limits: list[int],
+) -> Generator[None, None, tuple[list[list[int]], list[bool]]]:
+    """Sample up to `width` tokens per row, in place on `state` and `hidden` (each row's
+    last hidden state); returns the tokens and whether each row ended its turn."""
+    rows = len(limits)
+    eos = set(runner.lm.eos_token_ids)
+    pad = int(runner.lm.tokenizer.pad_token_id)
+    tokens: list[list[int]] = [[] for _ in range(rows)]
+    ended = [False] * rows
+    alive = [limit > 0 for limit in limits]
+    penalty = torch.zeros(state.next_logits.shape[1])
+    if penalised:
+        penalty[sorted(penalised)] = settings.penalty
+    for _ in range(settings.width):
+        if not any(alive):
+            break
+        picked = _sample(state.next_logits - penalty, settings, generator)
+        stepped = []
+        for row in (r for r in range(rows) if alive[r]):
+            token = int(picked[row])
+            if token in eos:
+                ended[row], alive[row] = True, False
+                continue
+            tokens[row].append(token)
+            stepped.append(row)
+            alive[row] = len(tokens[row]) < limits[row]
+        if not stepped:
+            break
+        fed = torch.full_like(picked, pad)
+        fed[stepped] = picked[stepped]
+        last = runner.decode(state, fed)
+        hidden[stepped] = last[stepped]
+        yield
+    return tokens, ended
+
+
+def _sample(
+    logits: torch.Tensor, settings: SearchSettings, generator: torch.Generator | None
+) -> torch.Tensor:
+    probs = torch.softmax(logits / max(settings.temperature, 1e-4), dim=-1)
+    if settings.top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        sorted_probs[sorted_probs.cumsum(-1) - sorted_probs > settings.top_p] = 0
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _scores(
+    scorers: Scorers,
+    settings: SearchSettings,
+    query: str,
+    texts: list[str],
+    costs: list[float],
+    budget: float,
+    hidden: torch.Tensor,
+) -> list[float]:
+    if settings.score == "critic":
+        assert scorers.critic is not None
+        z = torch.tensor([budget - c for c in costs])
+        values = scorers.critic.value(hidden, z)
+    else:
+        assert scorers.reward is not None
+        values = scorers.reward.reward([query] * len(texts), texts)
+    if settings.score == "lagrangian":
+        return [v - settings.lagrange * c for v, c in zip(values, costs, strict=True)]
+    return [v if c <= budget else settings.unsafe_value for v, c in zip(values, costs, strict=True)]
+
+
+def run(steps: Generator[None, None, SearchResult]) -> SearchResult:
+    """Drive a search to its end (benchmarks, tests, a caller with nothing else to do)."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
+
+__all__ = ["Score", "Scorers", "SearchResult", "SearchSettings", "run", "search"]

@@ -1,0 +1,123 @@
+"""InferenceGuard search mechanics on a tiny random model (KV reuse, budget, resampling,
+baselines, steering). The real cost model, critic and figures: test_safety.py and
+bench/bench_search.py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from conftest import _tiny
+from guardrail.critic import Critic, train_critic
+from guardrail.generate import Sampling, decode, prefill
+from guardrail.search import Scorers, SearchSettings, run, search
+
+PROMPT = "Tell me about the sea."
+
+
+class TextCost:
+    """Cost 9 for answers containing `marker` (a decoded token), else 1."""
+
+    name, fingerprint, reads_prompt = "text-cost", "v1", False
+
+    def __init__(self, marker: str | None = None, always: float | None = None) -> None:
+        self.marker, self.always = marker, always
+
+    def cost(self, prompts: list[str], responses: list[str]) -> list[float]:
+        if self.always is not None:
+            return [self.always] * len(responses)
+        return [9.0 if self.marker and self.marker in r else 1.0 for r in responses]
+
+
+class LengthReward:
+    def reward(self, prompts: list[str], responses: list[str]) -> list[float]:
+        return [len(r) / 100 for r in responses]
+
+
+@pytest.fixture(scope="module")
+def lm() -> Any:
+    return _tiny("llama")
+
+
+def _search(lm: Any, scorers: Scorers, settings: SearchSettings, **options: Any) -> Any:
+    """Run a search for PROMPT to its end, budget 5."""
+    return run(search(lm, lm.format_chat(PROMPT), PROMPT, scorers, settings, budget=5.0, **options))
+
+
+def _text(lm: Any, tokens: list[int] | None) -> str:
+    return str(lm.tokenizer.decode(tokens or [], skip_special_tokens=True))
+
+
+def test_near_greedy_search_continues_exactly_like_decode(lm: Any) -> None:
+    """One beam, one sample, near-zero temperature: chunk after chunk from the kept KV
+    caches, the search writes what plain greedy decoding writes."""
+    text = lm.format_chat(PROMPT)
+    greedy = decode(lm, prefill(lm, [text]), Sampling(max_new_tokens=10))[0]
+    settings = SearchSettings(
+        width=3, samples=1, beams=1, rounds=10, temperature=1e-6, score="augmented"
+    )
+    scorers = Scorers(TextCost(), reward=LengthReward())
+    result = _search(lm, scorers, settings, max_new_tokens=8, prefix=greedy[:2])
+    assert result.tokens == greedy[:10]
+    assert result.rounds == 3 and result.candidates == 3 and result.cost == 1.0
+
+
+def test_search_returns_only_answers_within_budget(lm: Any) -> None:
+    scorers = Scorers(TextCost(always=9.0), reward=LengthReward())
+    settings = SearchSettings(width=4, samples=3, beams=2, rounds=3, score="augmented")
+    generator = torch.Generator().manual_seed(0)
+    nothing = _search(lm, scorers, settings, max_new_tokens=8, generator=generator)
+    assert nothing.tokens is None and nothing.cost is None
+    assert nothing.resampled == 3 and nothing.candidates == 9  # every round resampled
+
+    # Baselines rank every candidate: they may return an answer over budget.
+    for score in ("augmented", "lagrangian"):
+        loose = SearchSettings(width=4, samples=3, beams=2, rounds=2, score=score, strict=False)
+        found = _search(lm, scorers, loose, max_new_tokens=8, generator=generator)
+        assert found.tokens is not None and found.cost == 9.0
+
+
+def test_resampling_penalises_the_tokens_that_went_over(lm: Any) -> None:
+    """Candidates containing the near-greedy first token are over budget; the penalty makes
+    the resampled round avoid it, so the answer is within budget."""
+    text = lm.format_chat(PROMPT)
+    first = decode(lm, prefill(lm, [text]), Sampling(max_new_tokens=1))[0]
+    scorers = Scorers(TextCost(marker=_text(lm, first)), reward=LengthReward())
+    settings = SearchSettings(
+        width=2, samples=2, beams=1, rounds=4, temperature=1e-6, penalty=1e4, score="augmented"
+    )
+    result = _search(lm, scorers, settings, max_new_tokens=4)
+    assert result.resampled >= 1 and result.tokens is not None
+    assert result.cost == 1.0 and result.tokens[0] != first[0]
+
+
+def test_critic_ranks_candidates(lm: Any) -> None:
+    """The critic ranks the candidates (and the search refuses to run without one)."""
+    torch.manual_seed(0)
+    h = torch.randn(64, lm.hidden_size)
+    critic = train_critic(h, torch.ones(64), h[:, 0], epochs=30)
+    scorers = Scorers(TextCost(), critic=critic)
+    settings = SearchSettings(width=3, samples=4, beams=1, rounds=1, score="critic")
+    result = _search(
+        lm, scorers, settings, max_new_tokens=3, generator=torch.Generator().manual_seed(3)
+    )
+    assert result.tokens is not None and result.candidates == 4
+    assert isinstance(critic, Critic) and result.score is not None
+    with pytest.raises(ValueError, match="critic"):
+        _search(lm, Scorers(TextCost()), settings, max_new_tokens=3)
+
+
+def test_steering_applies_during_search_only(lm: Any) -> None:
+    text = lm.format_chat(PROMPT)
+    before = decode(lm, prefill(lm, [text]), Sampling(max_new_tokens=6))[0]
+    vectors = {1: torch.ones(lm.hidden_size)}
+    settings = SearchSettings(
+        width=3, samples=1, beams=1, rounds=2, temperature=1e-6, score="augmented"
+    )
+    scorers = Scorers(TextCost(), reward=LengthReward())
+    steered = _search(lm, scorers, settings, max_new_tokens=6, steering=(vectors, 50.0))
+    assert steered.tokens is not None and steered.tokens != before
+    after = decode(lm, prefill(lm, [text]), Sampling(max_new_tokens=6))[0]
+    assert after == before  # the hooks left with the search
