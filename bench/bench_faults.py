@@ -110,6 +110,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--tokens", type=int, default=24)
+    parser.add_argument(
+        "--control", action="store_true", help="the same run with Redis left up (the baseline)"
+    )
     args = parser.parse_args()
     if shutil.which("redis-server") is None:
         raise SystemExit("needs redis-server on PATH")
@@ -129,10 +132,12 @@ def main() -> None:
     async def run() -> None:
         task = asyncio.create_task(load(url, prompts, args, log))
         await asyncio.sleep(args.seconds / 3)
-        redis.terminate()
-        redis.wait()
+        if not args.control:
+            redis.terminate()
+            redis.wait()
         await asyncio.sleep(args.seconds / 3)
-        restarted.append(start_redis(port, folder))
+        if not args.control:
+            restarted.append(start_redis(port, folder))
         await task
 
     restarted: list[subprocess.Popen[bytes]] = []
@@ -143,12 +148,17 @@ def main() -> None:
     finally:
         server.should_exit = True
         guard.close()
-        for process in restarted:
+        for process in [redis, *restarted]:
             process.terminate()
         shutil.rmtree(folder, ignore_errors=True)
     third = args.seconds / 3
     rows = []
-    for name, low in (("Redis up", 0.0), ("Redis stopped", third), ("Redis back", 2 * third)):
+    names = (
+        ("first third", "second", "third")
+        if args.control
+        else ("Redis up", "Redis stopped", "Redis back")
+    )
+    for name, low in zip(names, (0.0, third, 2 * third), strict=True):
         phase = [r for r in log if low <= r[0] - begun < low + third]
         done = [r for r in phase if r[2] == "ok"]
         latencies = [r[1] for r in done] or [0.0]
@@ -165,7 +175,12 @@ def main() -> None:
         )
     print(
         f"{args.clients} closed-loop clients, {args.seconds:.0f} s, {args.tokens} new tokens, "
-        f"deadline {DEADLINE:.0f} s; Redis stopped at {third:.0f} s, back at {2 * third:.0f} s"
+        f"deadline {DEADLINE:.0f} s; "
+        + (
+            "Redis left up (control)"
+            if args.control
+            else f"Redis stopped at {third:.0f} s, back at {2 * third:.0f} s"
+        )
     )
     print(
         table(

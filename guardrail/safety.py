@@ -18,6 +18,7 @@ Both learn from the target model's own rollouts on the calibration splits (see `
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -193,8 +194,6 @@ class _Rollouts:
         return out
 
     def _hooks(self, rows: int, kind: str) -> Any:
-        import contextlib
-
         if kind != "steered" or self.steering is None:
             return contextlib.nullcontext()
         hooks = Steering(self.steering[0])
