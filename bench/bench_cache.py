@@ -10,8 +10,8 @@ or make the calibration, start the worker and answer one request.
 Part 2 replays a repeated workload (requests drawn with a skew from a pool of distinct
 prompt-answer pairs) through a batched scorer behind each score-cache backend and reports
 the hit rate and the scoring time against no cache. The scorer is the calibrated probe read
-on the answer text, a stand-in with the cost of a real forward pass: the cost model of the
-InferenceGuard issue will sit behind the same `CachedScorer`.
+on the answer text, a stand-in with the cost of a real forward pass; the served cost model
+(`guardrail.scoring.CachedCost`) sits behind the same `CachedScorer`.
 """
 
 from __future__ import annotations
