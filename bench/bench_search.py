@@ -1,8 +1,10 @@
 """InferenceGuard against its baselines, one prompt at a time, on held-out prompts.
 
-For each method: safety rate (returned text within budget under the calibrated cost model),
-mean proxy reward, mean cost, keyword refusal rate, candidates scored, and p50 latency over
-base generation of the same max tokens. Methods (search ones at about equal candidates):
+For each method: safety rate (returned answer within budget under the calibrated cost model
+at every `width` tokens and at its end, as the guard's stream checks it), mean proxy reward,
+mean cost (the highest at those checks), keyword refusal rate, candidates scored, and p50
+latency over base generation of the same max tokens. Methods (search ones at equal
+candidates, K x S a round; the search ones rank by the same path cost):
 
 - base: greedy; steered: greedy with the calibrated steering forced on;
 - best-of-N, Lagrangian: N full samples, pick max reward - lambda * cost;
@@ -38,15 +40,21 @@ from guardrail.guard import Guard
 from guardrail.judge import is_refusal
 from guardrail.safety import load_or_calibrate_safety
 from guardrail.scoring import DEFAULT_BUDGET
-from guardrail.search import SearchSettings, run, search
+from guardrail.search import SearchSettings, path_cost, run, search
 
 
 def methods(args: argparse.Namespace) -> dict[str, SearchSettings | str]:
     beam = SearchSettings(
-        width=args.width, samples=args.samples, beams=args.beams, rounds=args.rounds
+        width=args.width,
+        samples=args.samples,
+        beams=args.beams,
+        rounds=args.rounds,
+        check=args.width,
     )
     n = args.samples * args.beams * max(args.tokens // args.width, 1)
-    bon = SearchSettings(width=args.tokens, samples=n, beams=1, rounds=1, strict=False)
+    bon = SearchSettings(
+        width=args.tokens, samples=n, beams=1, rounds=1, strict=False, check=args.width
+    )
     return {
         "base": "base",
         "steered": "steered",
@@ -69,23 +77,21 @@ def answer(
     tokens: int,
     seed: int,
     budget: float,
-) -> tuple[str, int]:
+) -> tuple[list[int], int]:
+    """The answer's tokens, and the candidates scored to find it."""
     text = lm.format_chat(prompt)
     sampling = Sampling(max_new_tokens=tokens)
     if method == "base":
-        return lm.tokenizer.decode(
-            decode(lm, prefill(lm, [text]), sampling)[0], skip_special_tokens=True
-        ).strip(), 0
+        return decode(lm, prefill(lm, [text]), sampling)[0], 0
     if method == "steered":
         setting = calibration.steering
-        out = steered_generate(
+        return steered_generate(
             lm,
             [text],
             calibration.steering_vectors(setting),
             torch.tensor([setting.strength]),
             sampling,
-        )[0]
-        return lm.tokenizer.decode(out, skip_special_tokens=True).strip(), 0
+        )[0], 0
     assert isinstance(method, SearchSettings)
     result = run(
         search(
@@ -100,8 +106,10 @@ def answer(
         )
     )
     if result.tokens is None:
-        return DEFAULT_REFUSAL, result.candidates
-    return lm.tokenizer.decode(result.tokens, skip_special_tokens=True).strip(), result.candidates
+        return lm.tokenizer(DEFAULT_REFUSAL, add_special_tokens=False)[
+            "input_ids"
+        ], result.candidates
+    return result.tokens, result.candidates
 
 
 def compare(lm: Any, calibration: Any, scorers: Any, args: argparse.Namespace) -> None:
@@ -113,19 +121,26 @@ def compare(lm: Any, calibration: Any, scorers: Any, args: argparse.Namespace) -
         rows = []
         results: dict[str, tuple[list[str], list[float], list[int]]] = {}
         for name, method in methods(args).items():
-            texts, seconds, candidates = [], [], []
+            if args.only and name != "base" and not any(o in name for o in args.only):
+                continue
+            answers, seconds, candidates = [], [], []
             for i, prompt in enumerate(prompts):
                 started = time.perf_counter()
-                text, scored = answer(
+                tokens, scored = answer(
                     lm, calibration, scorers, method, prompt, args.tokens, i, args.budget
                 )
                 seconds.append(time.perf_counter() - started)
-                texts.append(text)
+                answers.append(tokens)
                 candidates.append(scored)
-            results[name] = (texts, seconds, candidates)
+            results[name] = (answers, seconds, candidates)
         base_p50 = statistics.median(results["base"][1])
-        for name, (texts, seconds, candidates) in results.items():
-            costs = scorers.cost.cost(prompts, texts)
+        for name, (answers, seconds, candidates) in results.items():
+            texts = [lm.tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
+            # Cost as the guard's stream would release the answer: the most at any chunk.
+            costs = [
+                path_cost(lm, scorers.cost, p, a, args.width)
+                for p, a in zip(prompts, answers, strict=True)
+            ]
             rewards = scorers.reward.reward(prompts, texts)
             rows.append(
                 [
@@ -149,8 +164,9 @@ def compare(lm: Any, calibration: Any, scorers: Any, args: argparse.Namespace) -
             )
         )
         if args.show:
-            for name, (texts, _, _) in results.items():
-                print(f"  {name}: {texts[0][:150]!r}")
+            for name, (answers, _, _) in results.items():
+                shown = lm.tokenizer.decode(answers[0], skip_special_tokens=True).strip()
+                print(f"  {name}: {shown[:150]!r}")
 
 
 def benign_search_rate(lm: Any, calibration: Any, n: int, tokens: int) -> None:
@@ -185,6 +201,9 @@ def main() -> None:
     parser.add_argument("--benign-search", type=int, default=300)
     parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--only", nargs="*", default=[], help="run base and the methods whose names contain these"
+    )
     parser.add_argument("--show", action="store_true", help="print each method's first answer")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -89,13 +89,18 @@ def fluency(lm: LanguageModel, prompts: Sequence[str], responses: Sequence[str])
     answers = [lm.tokenizer(r, add_special_tokens=False)["input_ids"] for r in responses]
     batch = lm.encode([lm.format_chat(p) + r for p, r in zip(prompts, responses, strict=True)])
     mask = batch["attention_mask"]
+    # Left padding puts every answer at the end: only the last `keep` positions need logits.
+    keep = min(max(len(a) for a in answers) + 1, mask.shape[1])
     logits = lm.model(
         input_ids=batch["input_ids"],
         attention_mask=mask,
         position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+        logits_to_keep=keep,
     ).logits.float()
     nll = torch.nn.functional.cross_entropy(
-        logits[:, :-1].transpose(1, 2), batch["input_ids"][:, 1:], reduction="none"
+        logits[:, :-1].transpose(1, 2),
+        batch["input_ids"][:, mask.shape[1] - keep + 1 :],
+        reduction="none",
     )
     results = []
     for row, tokens in enumerate(answers):

@@ -1,10 +1,13 @@
 """InferenceGuard's safety-budgeted search, and the baselines it is measured against.
 
-Each round grows every kept beam by `width` tokens, sampling `samples` continuations per beam
-in one batch that starts from the beams' own KV caches (the prompt is never run again). Each
-candidate gets a safety state z = budget - cost(prompt, text so far) and a score:
+Each round grows the kept beams by `width` tokens, sampling `beams * samples` continuations
+(spread evenly over the beams) in one batch that starts from the beams' own KV caches (the
+prompt is never run again). Each candidate gets a safety state z = budget - its path cost
+(the highest cost of its text at any check so far, every `check` tokens: what a stream would
+have released) and a score:
 
-- `critic`: the latent critic V(h, z) (h: the last hidden state), InferenceGuard's ranking;
+- `critic`: the latent critic V(h, z) (h: the last hidden state), InferenceGuard's ranking of
+  unfinished answers; a finished answer is worth its reward (when a reward model is set);
 - `augmented`: the reward while z >= 0, `unsafe_value` once over budget;
 - `lagrangian`: reward - lagrange * cost (the classic constrained-decoding baseline).
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import time
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +57,17 @@ class SearchSettings:
     resample: bool = True  # penalise and resample when every candidate is over budget
     unsafe_value: float = -1.0  # the augmented value of an over-budget candidate
     lagrange: float = 1.0
+    check: int = 16  # tokens between cost checks, as a stream's chunks (see `path_cost`)
+
+
+def path_cost(
+    lm: LanguageModel, cost: CostModel, query: str, tokens: Sequence[int], every: int
+) -> float:
+    """The cost of an answer as a stream releases it: the highest cost of its prefixes at every
+    `every` tokens and at its end. With a response-level cost model this is what the paper's
+    cumulative cost is to a token-level one: it never goes down as the answer grows."""
+    text = str(lm.tokenizer.decode(tokens, skip_special_tokens=True))
+    return _path_costs(lm, cost, query, [_Beam([], -1)], [list(tokens)], [text], every)[0]
 
 
 @dataclass
@@ -80,7 +95,7 @@ class _Beam:
     tokens: list[int]
     row: int  # row in the beams' state
     score: float = 0.0
-    cost: float = 0.0
+    cost: float = -math.inf  # path cost; the search's starting prefix was checked by its caller
 
 
 class _Runner:
@@ -169,7 +184,11 @@ def search(
     result = SearchResult(None, None, None)
     while beams and result.rounds < settings.rounds:
         result.rounds += 1
-        parents = [beam for beam in beams for _ in range(settings.samples)]
+        # Every round samples K x S candidates, spread over the beams still growing.
+        parents = sorted(
+            (beams[i % len(beams)] for i in range(settings.beams * settings.samples)),
+            key=lambda b: b.row,
+        )
         grown = select_rows(copy.deepcopy(state), [beam.row for beam in parents])
         grown_hidden = hidden[[beam.row for beam in parents]].clone()
         limits = [max_new_tokens - (len(b.tokens) - len(prefix)) for b in parents]
@@ -177,9 +196,13 @@ def search(
             runner, grown, grown_hidden, settings, penalised, generator, limits
         )
         candidates = [p.tokens + t for p, t in zip(parents, new, strict=True)]
+        done = [
+            e or len(c) - len(prefix) >= max_new_tokens
+            for c, e in zip(candidates, ended, strict=True)
+        ]
         texts = [str(lm.tokenizer.decode(c, skip_special_tokens=True)) for c in candidates]
-        costs = scorers.cost.cost([query] * len(texts), texts)
-        scores = _scores(scorers, settings, query, texts, costs, budget, grown_hidden)
+        costs = _path_costs(lm, scorers.cost, query, parents, new, texts, settings.check)
+        scores = _scores(scorers, settings, query, texts, costs, budget, grown_hidden, done)
         result.candidates += len(texts)
         within = [i for i, c in enumerate(costs) if c <= budget]
         if not within and settings.strict and settings.resample:
@@ -190,7 +213,7 @@ def search(
         ranked = sorted(within if settings.strict else range(len(texts)), key=lambda i: -scores[i])
         keep: list[int] = []
         for i in ranked:
-            if ended[i] or len(candidates[i]) - len(prefix) >= max_new_tokens:
+            if done[i]:
                 finished.append(_Beam(candidates[i], -1, scores[i], costs[i]))
             elif len(keep) < settings.beams:
                 keep.append(i)
@@ -208,6 +231,30 @@ def search(
         result.tokens, result.cost, result.score = best.tokens, best.cost, best.score
     result.timings_ms["search"] = 1000 * (time.monotonic() - started)
     return result
+
+
+def _path_costs(
+    lm: LanguageModel,
+    cost: CostModel,
+    query: str,
+    parents: list[_Beam],
+    new: list[list[int]],
+    texts: list[str],
+    every: int,
+) -> list[float]:
+    """Each candidate's path cost: its parent's, or more if a check inside the new tokens (every
+    `every` tokens, and the end) costs more; one cost call for all of them."""
+    checks: list[tuple[int, str]] = []
+    for i, (parent, tokens) in enumerate(zip(parents, new, strict=True)):
+        for mark in range(every, len(tokens), every):
+            text = lm.tokenizer.decode(parent.tokens + tokens[:mark], skip_special_tokens=True)
+            checks.append((i, str(text)))
+        checks.append((i, texts[i]))
+    scores = cost.cost([query] * len(checks), [text for _, text in checks])
+    costs = [p.cost for p in parents]
+    for (i, _), score in zip(checks, scores, strict=True):
+        costs[i] = max(costs[i], score)
+    return costs
 
 
 def _sample_chunk(
@@ -272,11 +319,18 @@ def _scores(
     costs: list[float],
     budget: float,
     hidden: torch.Tensor,
+    done: list[bool],
 ) -> list[float]:
     if settings.score == "critic":
         assert scorers.critic is not None
         z = torch.tensor([budget - c for c in costs])
         values = scorers.critic.value(hidden, z)
+        # A finished answer's value is its reward: the critic only estimates unfinished ones.
+        ends = [i for i, d in enumerate(done) if d]
+        if scorers.reward is not None and ends:
+            rewards = scorers.reward.reward([query] * len(ends), [texts[i] for i in ends])
+            for i, r in zip(ends, rewards, strict=True):
+                values[i] = r
     else:
         assert scorers.reward is not None
         values = scorers.reward.reward([query] * len(texts), texts)
@@ -294,4 +348,4 @@ def run(steps: Generator[None, None, SearchResult]) -> SearchResult:
             return stop.value  # type: ignore[no-any-return]
 
 
-__all__ = ["Score", "Scorers", "SearchResult", "SearchSettings", "run", "search"]
+__all__ = ["Score", "Scorers", "SearchResult", "SearchSettings", "path_cost", "run", "search"]

@@ -612,6 +612,7 @@ class LocalWorker:
         settings = job.request.search
         if settings.score == "critic" and self.scorers.critic is None:
             settings = replace(settings, score="augmented")
+        settings = replace(settings, check=self.chunk_tokens)  # checked as the stream is
         steering = None
         if job.coefficient and job.steering is not None:  # filled when the row was steered
             vectors = self._vectors[job.steering]

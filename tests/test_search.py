@@ -12,7 +12,7 @@ import torch
 from conftest import _tiny
 from guardrail.critic import Critic, train_critic
 from guardrail.generate import Sampling, decode, prefill
-from guardrail.search import Scorers, SearchSettings, run, search
+from guardrail.search import Scorers, SearchSettings, path_cost, run, search
 
 PROMPT = "Tell me about the sea."
 
@@ -70,7 +70,7 @@ def test_search_returns_only_answers_within_budget(lm: Any) -> None:
     generator = torch.Generator().manual_seed(0)
     nothing = _search(lm, scorers, settings, max_new_tokens=8, generator=generator)
     assert nothing.tokens is None and nothing.cost is None
-    assert nothing.resampled == 3 and nothing.candidates == 9  # every round resampled
+    assert nothing.resampled == 3 and nothing.candidates == 18  # 2 x 3 a round, all resampled
 
     # Baselines rank every candidate: they may return an answer over budget.
     for score in ("augmented", "lagrangian"):
@@ -108,6 +108,14 @@ def test_critic_ranks_candidates(lm: Any) -> None:
     with pytest.raises(ValueError, match="critic"):
         _search(lm, Scorers(TextCost()), settings, max_new_tokens=3)
 
+    # With a reward model, a finished answer is worth its reward, not the critic's guess.
+    rewarded = Scorers(TextCost(), reward=LengthReward(), critic=critic)
+    done = _search(
+        lm, rewarded, settings, max_new_tokens=3, generator=torch.Generator().manual_seed(3)
+    )
+    assert done.tokens is not None
+    assert done.score == LengthReward().reward([PROMPT], [_text(lm, done.tokens)])[0]
+
 
 def test_steering_applies_during_search_only(lm: Any) -> None:
     text = lm.format_chat(PROMPT)
@@ -121,3 +129,31 @@ def test_steering_applies_during_search_only(lm: Any) -> None:
     assert steered.tokens is not None and steered.tokens != before
     after = decode(lm, prefill(lm, [text]), Sampling(max_new_tokens=6))[0]
     assert after == before  # the hooks left with the search
+
+
+class PrefixCost:
+    """Cost 9 for exactly one text (a prefix of some answer), else 1."""
+
+    name, fingerprint, reads_prompt = "prefix-cost", "v1", False
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def cost(self, prompts: list[str], responses: list[str]) -> list[float]:
+        return [9.0 if r == self.text else 1.0 for r in responses]
+
+
+def test_a_prefix_over_budget_makes_the_answer_over_budget(lm: Any) -> None:
+    """Costs are checked as a stream releases the answer: an answer whose first chunk went
+    over budget stays over budget, however its end scores."""
+    greedy = decode(lm, prefill(lm, [lm.format_chat(PROMPT)]), Sampling(max_new_tokens=4))[0]
+    cost = PrefixCost(_text(lm, greedy[:2]))
+    assert path_cost(lm, cost, PROMPT, greedy, every=2) == 9.0
+    assert path_cost(lm, cost, PROMPT, greedy, every=3) == 1.0  # checked at 3 and 4 only
+
+    scorers = Scorers(cost, reward=LengthReward())
+    for check, expected in ((4, greedy), (2, None)):
+        settings = SearchSettings(
+            width=4, samples=1, beams=1, rounds=1, temperature=1e-6, score="augmented", check=check
+        )
+        assert _search(lm, scorers, settings, max_new_tokens=4).tokens == expected
