@@ -1,10 +1,11 @@
 """InferenceGuard against its baselines, one prompt at a time, on held-out prompts.
 
 For each method: safety rate (returned answer within budget under the calibrated cost model
-at every `width` tokens and at its end, as the guard's stream checks it), mean proxy reward,
-mean cost (the highest at those checks), keyword refusal rate, candidates scored, and p50
-latency over base generation of the same max tokens. Methods (search ones at equal
-candidates, K x S a round; the search ones rank by the same path cost):
+at every `check` tokens and at its end, as the guard's stream checks it), mean proxy reward
+(of all answers, and of those within budget), mean cost (the highest at those checks),
+keyword refusal rate, candidates scored, and p50 latency over base generation of the same
+max tokens. Methods (search ones at equal candidates, K x S a round; the search ones rank by
+the same path cost):
 
 - base: greedy; steered: greedy with the calibrated steering forced on;
 - best-of-N, Lagrangian: N full samples, pick max reward - lambda * cost;
@@ -19,6 +20,7 @@ default policy (`--benign-search N` Alpaca test prompts), and the cost model's a
 the critic's error on held-aside (`dev`) rollouts, from the calibration manifest.
 
     python bench/bench_search.py [--harmful 16] [--benign 16] [--tokens 48] [--benign-search 300]
+        [--width 24 --check 16 --beams 4 --samples 3] [--budget 5] [--only NAME ...]
 """
 
 from __future__ import annotations
@@ -49,11 +51,11 @@ def methods(args: argparse.Namespace) -> dict[str, SearchSettings | str]:
         samples=args.samples,
         beams=args.beams,
         rounds=args.rounds,
-        check=args.width,
+        check=args.check,
     )
     n = args.samples * args.beams * max(args.tokens // args.width, 1)
     bon = SearchSettings(
-        width=args.tokens, samples=n, beams=1, rounds=1, strict=False, check=args.width
+        width=args.tokens, samples=n, beams=1, rounds=1, strict=False, check=args.check
     )
     return {
         "base": "base",
@@ -116,8 +118,10 @@ def compare(lm: Any, calibration: Any, scorers: Any, args: argparse.Namespace) -
     harmful = (
         advbench_test()[::3][: args.harmful // 2] + malicious_instruct()[::7][: args.harmful // 2]
     )
-    sets = {"harmful": harmful, "benign": alpaca_test(args.benign, seed=5)}
+    sets = {"harmful": harmful, "benign": alpaca_test(args.benign, seed=5) if args.benign else []}
     for set_name, prompts in sets.items():
+        if not prompts:
+            continue
         rows = []
         results: dict[str, tuple[list[str], list[float], list[int]]] = {}
         for name, method in methods(args).items():
@@ -138,15 +142,17 @@ def compare(lm: Any, calibration: Any, scorers: Any, args: argparse.Namespace) -
             texts = [lm.tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
             # Cost as the guard's stream would release the answer: the most at any chunk.
             costs = [
-                path_cost(lm, scorers.cost, p, a, args.width)
+                path_cost(lm, scorers.cost, p, a, args.check)
                 for p, a in zip(prompts, answers, strict=True)
             ]
             rewards = scorers.reward.reward(prompts, texts)
+            within = [r for r, c in zip(rewards, costs, strict=True) if c <= args.budget]
             rows.append(
                 [
                     name,
-                    sum(c <= args.budget for c in costs) / len(costs),
+                    len(within) / len(costs),
                     statistics.mean(rewards),
+                    statistics.mean(within) if within else "-",
                     statistics.mean(costs),
                     sum(map(is_refusal, texts)) / len(texts),
                     statistics.mean(candidates),
@@ -159,7 +165,16 @@ def compare(lm: Any, calibration: Any, scorers: Any, args: argparse.Namespace) -
         )
         print(
             table(
-                ["method", "safety rate", "reward", "cost", "refusals", "candidates", "p50 / base"],
+                [
+                    "method",
+                    "safety rate",
+                    "reward",
+                    "reward in budget",
+                    "cost",
+                    "refusals",
+                    "candidates",
+                    "p50 / base",
+                ],
                 rows,
             )
         )
@@ -194,9 +209,12 @@ def main() -> None:
     parser.add_argument("--harmful", type=int, default=16)
     parser.add_argument("--benign", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=48)
-    parser.add_argument("--width", type=int, default=16)
-    parser.add_argument("--samples", type=int, default=4)
-    parser.add_argument("--beams", type=int, default=2)
+    parser.add_argument("--width", type=int, default=24, help="tokens per search round")
+    parser.add_argument(
+        "--check", type=int, default=16, help="tokens between cost checks (the guard's chunk)"
+    )
+    parser.add_argument("--samples", type=int, default=3)
+    parser.add_argument("--beams", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--benign-search", type=int, default=300)
     parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET)

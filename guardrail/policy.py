@@ -61,9 +61,11 @@ class SearchPolicy(_Strict):
     """InferenceGuard: what an answer whose next chunk would go over budget gets."""
 
     enabled: bool = Field(True, description="false: the refusal text instead of a search")
-    width: int = Field(16, ge=1, le=1024, description="tokens per chunk")
-    samples: int = Field(4, ge=1, le=512, description="continuations sampled per beam")
-    beams: int = Field(2, ge=1, le=64, description="beams kept (K)")
+    width: int = Field(
+        24, ge=1, le=1024, description="tokens per round (costs: at every stream chunk)"
+    )
+    samples: int = Field(3, ge=1, le=512, description="continuations sampled per beam")
+    beams: int = Field(4, ge=1, le=64, description="beams kept (K)")
     rounds: int = Field(8, ge=1, le=1024, description="rounds, resampled ones included")
     critic: bool = Field(True, description="rank by the latent critic (else reward and cost)")
     penalty: float = Field(5.0, ge=0, description="logit penalty on over-budget tokens")

@@ -9,9 +9,9 @@ Both learn from the target model's own rollouts on the calibration splits (see `
   "Sure, here is ..." targets add unsafe text. The probe's bias is then shifted on `select`
   harmless rollouts so that `target_search_rate` of harmless answers ever cross cost
   `DEFAULT_BUDGET` at a chunk boundary: the default budget is that operating point;
-- critic (`fit`): at each boundary, inputs (h, z = d - cost) for several budgets d; target
-  the discounted augmented return: the proxy reward of the finished rollout when its cost
-  stays within d from there on, `unsafe_value` otherwise;
+- critic (`fit`): at each boundary, inputs (h, z = d - path cost, the highest cost up to
+  there) for several budgets d; target the discounted augmented return: the proxy reward of
+  the finished rollout when its path cost stays within d to the end, `unsafe_value` otherwise;
 - `dev`: accuracy of the probe and error of the critic, recorded in the manifest.
 `test` is never read.
 """
@@ -56,7 +56,7 @@ from guardrail.search import Scorers
 
 log = logging.getLogger(__name__)
 
-SAFETY_SCHEMA = 1
+SAFETY_SCHEMA = 2  # 2: the critic reads z = budget - path cost
 REFUSALS = (
     DEFAULT_REFUSAL,
     "I can't help with that.",
@@ -294,14 +294,14 @@ def calibrate_safety(
         hs, zs, ys = [], [], []
         for rollout in group:
             costs = torch.tensor(probe.cost([rollout.prompt] * len(rollout.texts), rollout.texts))
-            ahead = costs.flip(0).cummax(0).values.flip(0)  # max cost from each boundary on
+            path = costs.cummax(0).values  # the path cost at each boundary, as the search sees it
             marks = roll.boundaries(len(rollout.tokens))
             for d in config.critic_budgets:
+                value = rollout.reward if path[-1] <= d else config.unsafe_value
                 for j, t in enumerate(marks):
-                    value = rollout.reward if ahead[j] <= d else config.unsafe_value
                     assert rollout.hidden is not None
                     hs.append(rollout.hidden[j])
-                    zs.append(d - float(costs[j]))
+                    zs.append(d - float(path[j]))
                     ys.append(config.discount ** (len(rollout.tokens) - t) * value)
         return torch.stack(hs), torch.tensor(zs), torch.tensor(ys)
 

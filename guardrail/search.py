@@ -45,9 +45,9 @@ Score = Literal["critic", "augmented", "lagrangian"]
 
 @dataclass(frozen=True)
 class SearchSettings:
-    width: int = 16  # tokens per chunk
-    samples: int = 4  # continuations sampled per beam
-    beams: int = 2  # beams kept (K)
+    width: int = 24  # tokens per round
+    samples: int = 3  # continuations sampled per beam
+    beams: int = 4  # beams kept (K)
     rounds: int = 8  # rounds, including resampled ones
     penalty: float = 5.0  # logit penalty on tokens of over-budget candidates
     temperature: float = 0.8
@@ -242,11 +242,13 @@ def _path_costs(
     texts: list[str],
     every: int,
 ) -> list[float]:
-    """Each candidate's path cost: its parent's, or more if a check inside the new tokens (every
-    `every` tokens, and the end) costs more; one cost call for all of them."""
+    """Each candidate's path cost: its parent's, or more if a check inside the new tokens (at
+    every multiple of `every` tokens of the answer, as the stream's chunks fall whatever the
+    search's width, and at the candidate's end) costs more; one cost call for all of them."""
     checks: list[tuple[int, str]] = []
     for i, (parent, tokens) in enumerate(zip(parents, new, strict=True)):
-        for mark in range(every, len(tokens), every):
+        first = every - len(parent.tokens) % every  # new tokens up to the next multiple
+        for mark in range(first, len(tokens), every):
             text = lm.tokenizer.decode(parent.tokens + tokens[:mark], skip_special_tokens=True)
             checks.append((i, str(text)))
         checks.append((i, texts[i]))

@@ -157,3 +157,16 @@ def test_a_prefix_over_budget_makes_the_answer_over_budget(lm: Any) -> None:
             width=4, samples=1, beams=1, rounds=1, temperature=1e-6, score="augmented", check=check
         )
         assert _search(lm, scorers, settings, max_new_tokens=4).tokens == expected
+
+
+def test_checks_fall_on_the_streams_chunks_whatever_the_width(lm: Any) -> None:
+    """With chunks of 4 tokens and search rounds of 3, the check at the answer's 4th token lies
+    inside the second round: the candidate that went over there is never returned."""
+    greedy = decode(lm, prefill(lm, [lm.format_chat(PROMPT)]), Sampling(max_new_tokens=6))[0]
+    cost = PrefixCost(_text(lm, greedy[:4]))
+    assert path_cost(lm, cost, PROMPT, greedy, every=4) == 9.0
+    settings = SearchSettings(
+        width=3, samples=1, beams=1, rounds=2, temperature=1e-6, score="augmented", check=4
+    )
+    result = _search(lm, Scorers(cost, reward=LengthReward()), settings, max_new_tokens=6)
+    assert result.tokens == greedy[:3] and result.resampled == 1  # cut where it was in budget
