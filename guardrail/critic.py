@@ -1,10 +1,15 @@
-"""The latent critic of InferenceGuard: V(h, z), an MLP on the model's last hidden state h and
-the safety state z (budget left), predicting the augmented value: the (discounted) reward
-when the answer stays within budget, a penalty once it does not.
+"""The latent critic of InferenceGuard: an MLP on the model's last hidden state h and the
+safety state z (budget left) that estimates the augmented value of a partial answer: the
+(discounted) reward of the finished answer when it stays within budget, a penalty once it
+does not.
 
-It lets the search rank partial answers by where they are heading, not only by what they
-say so far. Trained by calibration from the target model's own rollouts
-(`guardrail.safety`); stored as a safetensors state dict.
+It predicts that value as a correction to what the prefix already scores:
+V(h, z) = A(prefix) + C(h, z), where A is the prefix's augmented reward (its reward within
+budget, the penalty over it) and C is this network. The correction is the part the reward
+model cannot read from the text so far (where the answer is heading); learning only that
+part keeps a critic trained on a few thousand readings from doing worse than the prefix's
+own score. Trained by calibration from the target model's own rollouts (`guardrail.safety`);
+stored as a safetensors state dict.
 """
 
 from __future__ import annotations

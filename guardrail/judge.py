@@ -84,8 +84,11 @@ class Fluency:
 
 
 @torch.inference_mode()
-def fluency(lm: LanguageModel, prompts: Sequence[str], responses: Sequence[str]) -> list[Fluency]:
-    """Score each response as a continuation of its prompt under the (unhooked) model."""
+def token_nlls(
+    lm: LanguageModel, prompts: Sequence[str], responses: Sequence[str]
+) -> list[torch.Tensor]:
+    """Each response token's negative log-likelihood as a continuation of its prompt under the
+    (unhooked) model: one pass for the batch (a prefix's NLL is a slice of its answer's)."""
     answers = [lm.tokenizer(r, add_special_tokens=False)["input_ids"] for r in responses]
     batch = lm.encode([lm.format_chat(p) + r for p, r in zip(prompts, responses, strict=True)])
     mask = batch["attention_mask"]
@@ -102,12 +105,18 @@ def fluency(lm: LanguageModel, prompts: Sequence[str], responses: Sequence[str])
         batch["input_ids"][:, mask.shape[1] - keep + 1 :],
         reduction="none",
     )
+    return [nll[row, nll.shape[1] - len(a) :] for row, a in enumerate(answers)]
+
+
+def fluency(lm: LanguageModel, prompts: Sequence[str], responses: Sequence[str]) -> list[Fluency]:
+    """Score each response as a continuation of its prompt under the (unhooked) model."""
     results = []
-    for row, tokens in enumerate(answers):
+    for response, nll in zip(responses, token_nlls(lm, prompts, responses), strict=True):
+        tokens = lm.tokenizer(response, add_special_tokens=False)["input_ids"]
         if not tokens:
             results.append(Fluency(nll=float("inf"), distinct=0.0))
             continue
         grams = [tuple(tokens[i : i + 3]) for i in range(len(tokens) - 2)]
         distinct = len(set(grams)) / len(grams) if grams else 1.0
-        results.append(Fluency(nll=nll[row, -len(tokens) :].mean().item(), distinct=distinct))
+        results.append(Fluency(nll=nll.mean().item(), distinct=distinct))
     return results

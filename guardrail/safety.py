@@ -3,15 +3,18 @@
 Both learn from the target model's own rollouts on the calibration splits (see `datasets`):
 
 - rollouts: sampled answers to harmful prompts (plain, and steered when calibration chose a
-  steering setting) and to harmless prompts, read at every chunk boundary (`chunk_tokens`);
+  steering setting) and to harmless prompts, read every `critic_every` tokens (the stream's
+  checks fall every `chunk_tokens`);
 - cost probe (`fit`): a compliant answer to a harmful prompt is unsafe; a refusal, and any
   answer to a harmless prompt, is safe; AdvBench's harmful strings and its behaviours'
   "Sure, here is ..." targets add unsafe text. The probe's bias is then shifted on `select`
   harmless rollouts so that `target_search_rate` of harmless answers ever cross cost
   `DEFAULT_BUDGET` at a chunk boundary: the default budget is that operating point;
-- critic (`fit`): at each boundary, inputs (h, z = d - path cost, the highest cost up to
-  there) for several budgets d; target the discounted augmented return: the proxy reward of
-  the finished rollout when its path cost stays within d to the end, `unsafe_value` otherwise;
+- critic (`fit`): every `critic_every` tokens, inputs (h, z = d - path cost, the highest
+  cost at the stream's checks up to there and there) for several budgets d; the value is the
+  discounted augmented return (the proxy reward of the finished rollout when its path cost
+  stays within d to the end, `unsafe_value` otherwise) and the critic learns its difference
+  from the prefix's own augmented reward (see `guardrail.critic`);
 - `dev`: accuracy of the probe and error of the critic, recorded in the manifest.
 `test` is never read.
 """
@@ -23,6 +26,7 @@ import csv
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -56,7 +60,7 @@ from guardrail.search import Scorers
 
 log = logging.getLogger(__name__)
 
-SAFETY_SCHEMA = 2  # 2: the critic reads z = budget - path cost
+SAFETY_SCHEMA = 3  # 2: the critic reads z = budget - path cost; 3: it learns a correction
 REFUSALS = (
     DEFAULT_REFUSAL,
     "I can't help with that.",
@@ -68,7 +72,8 @@ REFUSALS = (
 
 @dataclass
 class SafetyConfig:
-    chunk_tokens: int = 16
+    chunk_tokens: int = 16  # the stream's cost checks
+    critic_every: int = 4  # tokens between the critic's readings of a rollout
     rollout_tokens: int = 32
     temperature: float = 0.7
     fit_harmful: int = 48  # rollouts per kind (plain, steered) of harmful `fit` prompts
@@ -92,13 +97,20 @@ class Rollout:
     prompt: str
     tokens: list[int]
     kind: str  # "harmful" | "steered" | "harmless"
-    texts: list[str] = field(default_factory=list)  # the answer at each chunk boundary
-    hidden: torch.Tensor | None = None  # [boundaries, hidden]: last hidden state there
+    marks: list[int] = field(default_factory=list)  # the critic's readings (token counts)
+    steps: list[str] = field(default_factory=list)  # the answer at each reading
+    hidden: torch.Tensor | None = None  # [readings, hidden]: last hidden state there
+    checked: list[bool] = field(default_factory=list)  # reading at a stream check
     reward: float = 0.0
 
     @property
+    def texts(self) -> list[str]:
+        """The answer at each chunk boundary (and its end): what a stream is checked on."""
+        return [t for t, c in zip(self.steps, self.checked, strict=True) if c]
+
+    @property
     def unsafe(self) -> bool:
-        return self.kind != "harmless" and not is_refusal(self.texts[-1] if self.texts else "")
+        return self.kind != "harmless" and not is_refusal(self.steps[-1] if self.steps else "")
 
 
 @dataclass
@@ -163,7 +175,8 @@ def public_unsafe_texts(split: str) -> list[str]:
 
 
 class _Rollouts:
-    """Sample answers and read them at chunk boundaries (hidden states under the same hooks)."""
+    """Sample answers and read them every `critic_every` tokens (hidden states under the same
+    hooks as the answer was sampled with)."""
 
     def __init__(
         self, lm: LanguageModel, calibration: Calibration, config: SafetyConfig, progress: bool
@@ -200,10 +213,6 @@ class _Rollouts:
         hooks.coefficients = torch.full((rows,), self.steering[1], device=self.lm.device)
         return hooks.applied(self.lm.model)
 
-    def boundaries(self, n: int) -> list[int]:
-        step = self.config.chunk_tokens
-        return sorted({*range(step, n, step), n}) if n else []
-
     @torch.inference_mode()
     def _read(self, rollouts: list[Rollout], prompts: list[str]) -> None:
         lm = self.lm
@@ -222,13 +231,16 @@ class _Rollouts:
                 position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(lm.device),
                 output_hidden_states=True,
             ).hidden_states[-1]
+        chunk, every = self.config.chunk_tokens, self.config.critic_every
         for row, rollout in enumerate(rollouts):
-            marks = self.boundaries(len(rollout.tokens))
-            positions = [width - len(rollout.tokens) + t - 1 for t in marks]
+            n = len(rollout.tokens)
+            rollout.marks = sorted({*range(every, n, every), *range(chunk, n, chunk), n} - {0})
+            positions = [width - n + t - 1 for t in rollout.marks]
             rollout.hidden = hidden[row, positions].float().cpu()
-            rollout.texts = [
+            rollout.checked = [t % chunk == 0 or t == n for t in rollout.marks]
+            rollout.steps = [
                 str(lm.tokenizer.decode(rollout.tokens[:t], skip_special_tokens=True))
-                for t in marks
+                for t in rollout.marks
             ]
 
 
@@ -265,10 +277,10 @@ def calibrate_safety(
     def lap(name: str) -> None:
         stages[name] = round(time.perf_counter() - started - sum(stages.values()), 1)
 
-    fit = [r for r in rollouts("fit", config.fit_harmful, config.fit_harmless) if r.texts]
-    dev = [r for r in rollouts("dev", config.dev_harmful, config.dev_harmless) if r.texts]
+    fit = [r for r in rollouts("fit", config.fit_harmful, config.fit_harmless) if r.steps]
+    dev = [r for r in rollouts("dev", config.dev_harmful, config.dev_harmless) if r.steps]
     select_prompts = pick(harmless, "select", config.select_harmless)
-    select = [r for r in roll.run(select_prompts, "harmless", greedy=True) if r.texts]
+    select = [r for r in roll.run(select_prompts, "harmless", greedy=True) if r.steps]
 
     lap("rollouts")
     # Cost probe: every boundary text of a rollout carries the rollout's label.
@@ -285,40 +297,52 @@ def calibrate_safety(
 
     lap("cost_probe")
     reward = ProxyReward(embedder, lm, config.nll_weight)
+    readings: dict[int, list[float]] = {}  # the proxy reward at each reading, by rollout
     for group in (fit, dev):
-        values = reward.reward([r.prompt for r in group], [r.texts[-1] for r in group])
-        for rollout, value in zip(group, values, strict=True):
-            rollout.reward = value
+        values = reward.reward_prefixes([r.prompt for r in group], [r.steps for r in group])
+        for rollout, scores in zip(group, values, strict=True):
+            readings[id(rollout)], rollout.reward = scores, scores[-1]
 
-    def critic_data(group: list[Rollout]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        hs, zs, ys = [], [], []
+    def critic_data(
+        group: list[Rollout],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Inputs (h, z), the prefix's augmented reward, and the value to estimate."""
+        hs, zs, prefix, values = [], [], [], []
         for rollout in group:
-            costs = torch.tensor(probe.cost([rollout.prompt] * len(rollout.texts), rollout.texts))
-            path = costs.cummax(0).values  # the path cost at each boundary, as the search sees it
-            marks = roll.boundaries(len(rollout.tokens))
+            costs = probe.cost([rollout.prompt] * len(rollout.steps), rollout.steps)
+            # The path cost at each reading: the highest stream check so far, or the reading.
+            checks = [c if at else -math.inf for c, at in zip(costs, rollout.checked, strict=True)]
+            path = [max(max(checks[: j + 1]), c) for j, c in enumerate(costs)]
             for d in config.critic_budgets:
                 value = rollout.reward if path[-1] <= d else config.unsafe_value
-                for j, t in enumerate(marks):
+                for j, t in enumerate(rollout.marks):
                     assert rollout.hidden is not None
                     hs.append(rollout.hidden[j])
-                    zs.append(d - float(path[j]))
-                    ys.append(config.discount ** (len(rollout.tokens) - t) * value)
-        return torch.stack(hs), torch.tensor(zs), torch.tensor(ys)
+                    zs.append(d - path[j])
+                    r = readings[id(rollout)][j]
+                    prefix.append(r if path[j] <= d else config.unsafe_value)
+                    values.append(config.discount ** (len(rollout.tokens) - t) * value)
+        return torch.stack(hs), torch.tensor(zs), torch.tensor(prefix), torch.tensor(values)
 
     lap("rewards")
-    h, z, y = critic_data(fit)
-    critic = train_critic(h, z, y, epochs=config.critic_epochs, seed=config.seed)
+    h, z, a, y = critic_data(fit)
+    critic = train_critic(h, z, y - a, epochs=config.critic_epochs, seed=config.seed)
     lap("critic")
-    dev_h, dev_z, dev_y = critic_data(dev)
-    predicted = critic(dev_h, dev_z).detach()
+    dev_h, dev_z, dev_a, dev_y = critic_data(dev)
+    predicted = dev_a + critic(dev_h, dev_z).detach()
+
+    def rmse(estimate: torch.Tensor) -> float:
+        return round(float((estimate - dev_y).square().mean().sqrt()), 4)
+
     report = {
         "cost_probe": _probe_report(probe, dev, DEFAULT_BUDGET),
         "select_harmless_search_rate": round(
             float((COST_SCALE * torch.sigmoid(peaks - shift) > DEFAULT_BUDGET).float().mean()), 4
         ),
-        "critic_dev": {
-            "rmse": round(float((predicted - dev_y).square().mean().sqrt()), 4),
-            "rmse_of_mean": round(float((y.mean() - dev_y).square().mean().sqrt()), 4),
+        "critic_dev": {  # the value's error: the critic's, the prefix's own score's, the mean's
+            "rmse": rmse(predicted),
+            "rmse_of_prefix": rmse(dev_a),
+            "rmse_of_mean": rmse(y.mean().expand_as(dev_y)),
             "sign_accuracy": round(float(((predicted > 0) == (dev_y > 0)).float().mean()), 4),
             "samples": len(dev_y),
         },

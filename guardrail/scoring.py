@@ -29,7 +29,7 @@ import torch
 from guardrail.cache.scores import CachedScorer, CountingScores, MemoryScores, ScoreCache
 from guardrail.embedding import Embedder
 from guardrail.errors import ModelError
-from guardrail.judge import fluency
+from guardrail.judge import token_nlls
 from guardrail.model import LanguageModel
 
 COST_SCALE = 10.0
@@ -132,22 +132,38 @@ class ProxyReward:
         self.batch_size = batch_size
 
     def reward(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        return [r[0] for r in self.reward_prefixes(prompts, [[r] for r in responses])]
+
+    def reward_prefixes(
+        self, prompts: Sequence[str], prefixes: Sequence[Sequence[str]]
+    ) -> list[list[float]]:
+        """The reward of successive prefixes of each prompt's answer (the last one is the whole
+        answer), with one model pass per answer: a prefix's NLL is a slice of the answer's."""
         if not prompts:
             return []
-        relevance = (self.embedder.embed(prompts) * self.embedder.embed(responses)).sum(-1)
-        scores = [
-            score
+        texts = [t for group in prefixes for t in group]
+        queries = [p for p, group in zip(prompts, prefixes, strict=True) for _ in group]
+        relevance = iter((self.embedder.embed(queries) * self.embedder.embed(texts)).sum(-1))
+        answers = [group[-1] or " " for group in prefixes]
+        nlls = [
+            nll
             for start in range(0, len(prompts), self.batch_size)
-            for score in fluency(
+            for nll in token_nlls(
                 self.lm,
                 prompts[start : start + self.batch_size],
-                [r or " " for r in responses[start : start + self.batch_size]],
+                answers[start : start + self.batch_size],
             )
         ]
-        return [
-            float(rel) - self.nll_weight * (s.nll if math.isfinite(s.nll) else 10.0)
-            for rel, s in zip(relevance, scores, strict=True)
-        ]
+        out = []
+        for group, nll in zip(prefixes, nlls, strict=True):
+            scores = []
+            for text in group:
+                n = len(self.lm.tokenizer(text or " ", add_special_tokens=False)["input_ids"])
+                mean = float(nll[:n].mean()) if n and len(nll) else math.inf
+                penalty = self.nll_weight * (mean if math.isfinite(mean) else 10.0)
+                scores.append(float(next(relevance)) - penalty)
+            out.append(scores)
+        return out
 
 
 class CachedCost:

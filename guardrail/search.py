@@ -6,8 +6,9 @@ prompt is never run again). Each candidate gets a safety state z = budget - its 
 (the highest cost of its text at any check so far, every `check` tokens: what a stream would
 have released) and a score:
 
-- `critic`: the latent critic V(h, z) (h: the last hidden state), InferenceGuard's ranking of
-  unfinished answers; a finished answer is worth its reward (when a reward model is set);
+- `critic`: InferenceGuard's ranking of unfinished answers, the latent critic's value
+  V(h, z) = the prefix's augmented reward + the critic's correction C(h, z) (h: the last
+  hidden state; see `guardrail.critic`); a finished answer is worth its reward;
 - `augmented`: the reward while z >= 0, `unsafe_value` once over budget;
 - `lagrangian`: reward - lagrange * cost (the classic constrained-decoding baseline).
 
@@ -72,7 +73,7 @@ def path_cost(
 
 @dataclass
 class Scorers:
-    """What the search reads: the cost model, and the reward model or critic it ranks by."""
+    """What the search reads: the cost model, the reward model, and the critic (optional)."""
 
     cost: CostModel
     reward: RewardModel | None = None
@@ -169,7 +170,7 @@ def search(
     """
     if settings.score == "critic" and scorers.critic is None:
         raise ValueError("score='critic' needs a trained critic")
-    if settings.score != "critic" and scorers.reward is None:
+    if scorers.reward is None:
         raise ValueError(f"score={settings.score!r} needs a reward model")
     started = time.monotonic()
     runner = _Runner(lm, steering)
@@ -323,22 +324,21 @@ def _scores(
     hidden: torch.Tensor,
     done: list[bool],
 ) -> list[float]:
+    assert scorers.reward is not None
+    rewards = scorers.reward.reward([query] * len(texts), texts)
     if settings.score == "critic":
         assert scorers.critic is not None
         z = torch.tensor([budget - c for c in costs])
-        values = scorers.critic.value(hidden, z)
-        # A finished answer's value is its reward: the critic only estimates unfinished ones.
-        ends = [i for i, d in enumerate(done) if d]
-        if scorers.reward is not None and ends:
-            rewards = scorers.reward.reward([query] * len(ends), [texts[i] for i in ends])
-            for i, r in zip(ends, rewards, strict=True):
-                values[i] = r
-    else:
-        assert scorers.reward is not None
-        values = scorers.reward.reward([query] * len(texts), texts)
+        corrections = scorers.critic.value(hidden, z)
+        # V = the prefix's augmented reward + the critic's correction; a finished answer is
+        # worth its reward: the critic only estimates where unfinished ones are heading.
+        return [
+            settings.unsafe_value if c > budget else r if d else r + v
+            for r, v, c, d in zip(rewards, corrections, costs, done, strict=True)
+        ]
     if settings.score == "lagrangian":
-        return [v - settings.lagrange * c for v, c in zip(values, costs, strict=True)]
-    return [v if c <= budget else settings.unsafe_value for v, c in zip(values, costs, strict=True)]
+        return [r - settings.lagrange * c for r, c in zip(rewards, costs, strict=True)]
+    return [settings.unsafe_value if c > budget else r for r, c in zip(rewards, costs, strict=True)]
 
 
 def run(steps: Generator[None, None, SearchResult]) -> SearchResult:

@@ -181,7 +181,7 @@ class LocalWorker:
         threads than cores avoids OpenMP spin-waiting against other processes (measured ~9x
         slower steps on a busy 2-core machine with 2 threads than with 1).
 
-        `scorers`: the cost model (and the reward model or critic the search ranks by);
+        `scorers`: the cost model (and the reward model and critic the search ranks by);
         without them requests with a budget are refused at submission."""
         if max_batch < 1 or max_queue < 1 or chunk_tokens < 1:
             raise ValueError("max_batch, max_queue and chunk_tokens must be >= 1")
@@ -543,9 +543,7 @@ class LocalWorker:
             budget = job.request.budget
             if budget is not None and (cost is None or cost > budget):
                 passed.append(False)
-                searchable = self.scorers is not None and (
-                    self.scorers.critic is not None or self.scorers.reward is not None
-                )
+                searchable = self.scorers is not None and self.scorers.reward is not None
                 if cost is not None and job.request.search and searchable and not job.searched:
                     self._start_search(job)
                 else:

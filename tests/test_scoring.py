@@ -4,6 +4,7 @@ mechanics only; the calibrated probe's quality is in test_safety.py)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import torch
 from guardrail.cache.scores import CountingScores, MemoryScores
 from guardrail.embedding import Embedder, embedder_dir
 from guardrail.errors import ModelError
-from guardrail.scoring import COST_SCALE, CachedCost, ClassifierCost, ProbeCost
+from guardrail.scoring import COST_SCALE, CachedCost, ClassifierCost, ProbeCost, ProxyReward
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +71,17 @@ def test_sequence_classifier_plugs_in_as_a_cost_model(tmp_path: Path) -> None:
         ClassifierCost(tmp_path, index=5, scale=1.0, shift=0.0)
     with pytest.raises(ModelError, match="cannot load"):
         ClassifierCost(tmp_path / "missing", index=0, scale=1.0, shift=0.0)
+
+
+def test_proxy_reward_of_prefixes_matches_scoring_each_alone(embedder: Embedder, lm: Any) -> None:
+    """One pass per answer scores its prefixes as scoring each prefix alone would (the
+    calibration's critic readings), and prefers an on-topic answer to an off-topic one."""
+    reward = ProxyReward(embedder, lm)
+    prompt = "How do I bake bread?"
+    answer = "Mix flour, water, yeast and salt. Knead the dough, let it rise, then bake it."
+    ids = lm.tokenizer(answer, add_special_tokens=False)["input_ids"]
+    prefixes = [lm.tokenizer.decode(ids[:n]) for n in (4, 9, len(ids))]
+    together = reward.reward_prefixes([prompt, prompt], [prefixes, ["Stock prices fell."]])
+    alone = reward.reward([prompt] * 3, prefixes)
+    assert together[0] == pytest.approx(alone, abs=1e-3)
+    assert together[1][0] < together[0][-1]

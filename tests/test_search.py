@@ -94,27 +94,31 @@ def test_resampling_penalises_the_tokens_that_went_over(lm: Any) -> None:
 
 
 def test_critic_ranks_candidates(lm: Any) -> None:
-    """The critic ranks the candidates (and the search refuses to run without one)."""
+    """An unfinished answer is worth its prefix's reward plus the critic's correction, a
+    finished one its reward (and the search refuses to run without a critic or a reward)."""
     torch.manual_seed(0)
     h = torch.randn(64, lm.hidden_size)
     critic = train_critic(h, torch.ones(64), h[:, 0], epochs=30)
-    scorers = Scorers(TextCost(), critic=critic)
+    with torch.no_grad():  # a critic whose correction is the same 0.25 everywhere
+        critic.net[-1].weight.zero_()
+        critic.net[-1].bias.fill_(0.25)
+    scorers = Scorers(TextCost(), reward=LengthReward(), critic=critic)
     settings = SearchSettings(width=3, samples=4, beams=1, rounds=1, score="critic")
-    result = _search(
-        lm, scorers, settings, max_new_tokens=3, generator=torch.Generator().manual_seed(3)
-    )
-    assert result.tokens is not None and result.candidates == 4
-    assert isinstance(critic, Critic) and result.score is not None
-    with pytest.raises(ValueError, match="critic"):
-        _search(lm, Scorers(TextCost()), settings, max_new_tokens=3)
+    seeded = {"generator": torch.Generator().manual_seed(3)}
+    cut = _search(lm, scorers, settings, max_new_tokens=6, **seeded)  # out of rounds, unfinished
+    assert isinstance(critic, Critic) and cut.tokens is not None and cut.candidates == 4
+    reward = LengthReward().reward([PROMPT], [_text(lm, cut.tokens)])[0]
+    assert cut.score == pytest.approx(reward + 0.25)
 
-    # With a reward model, a finished answer is worth its reward, not the critic's guess.
-    rewarded = Scorers(TextCost(), reward=LengthReward(), critic=critic)
-    done = _search(
-        lm, rewarded, settings, max_new_tokens=3, generator=torch.Generator().manual_seed(3)
-    )
+    seeded = {"generator": torch.Generator().manual_seed(3)}
+    done = _search(lm, scorers, settings, max_new_tokens=3, **seeded)  # finished: its reward
     assert done.tokens is not None
     assert done.score == LengthReward().reward([PROMPT], [_text(lm, done.tokens)])[0]
+
+    with pytest.raises(ValueError, match="critic"):
+        _search(lm, Scorers(TextCost(), reward=LengthReward()), settings, max_new_tokens=3)
+    with pytest.raises(ValueError, match="reward"):
+        _search(lm, Scorers(TextCost(), critic=critic), settings, max_new_tokens=3)
 
 
 def test_steering_applies_during_search_only(lm: Any) -> None:
