@@ -30,6 +30,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from itertools import accumulate
 from typing import Any
 
 import torch
@@ -101,7 +102,7 @@ class Rollout:
     steps: list[str] = field(default_factory=list)  # the answer at each reading
     hidden: torch.Tensor | None = None  # [readings, hidden]: last hidden state there
     checked: list[bool] = field(default_factory=list)  # reading at a stream check
-    reward: float = 0.0
+    rewards: list[float] = field(default_factory=list)  # the proxy reward at each reading
 
     @property
     def texts(self) -> list[str]:
@@ -297,11 +298,10 @@ def calibrate_safety(
 
     lap("cost_probe")
     reward = ProxyReward(embedder, lm, config.nll_weight)
-    readings: dict[int, list[float]] = {}  # the proxy reward at each reading, by rollout
     for group in (fit, dev):
         values = reward.reward_prefixes([r.prompt for r in group], [r.steps for r in group])
         for rollout, scores in zip(group, values, strict=True):
-            readings[id(rollout)], rollout.reward = scores, scores[-1]
+            rollout.rewards = scores
 
     def critic_data(
         group: list[Rollout],
@@ -312,14 +312,14 @@ def calibrate_safety(
             costs = probe.cost([rollout.prompt] * len(rollout.steps), rollout.steps)
             # The path cost at each reading: the highest stream check so far, or the reading.
             checks = [c if at else -math.inf for c, at in zip(costs, rollout.checked, strict=True)]
-            path = [max(max(checks[: j + 1]), c) for j, c in enumerate(costs)]
+            path = [max(m, c) for m, c in zip(accumulate(checks, max), costs, strict=True)]
             for d in config.critic_budgets:
-                value = rollout.reward if path[-1] <= d else config.unsafe_value
+                value = rollout.rewards[-1] if path[-1] <= d else config.unsafe_value
                 for j, t in enumerate(rollout.marks):
                     assert rollout.hidden is not None
                     hs.append(rollout.hidden[j])
                     zs.append(d - path[j])
-                    r = readings[id(rollout)][j]
+                    r = rollout.rewards[j]
                     prefix.append(r if path[j] <= d else config.unsafe_value)
                     values.append(config.discount ** (len(rollout.tokens) - t) * value)
         return torch.stack(hs), torch.tensor(zs), torch.tensor(prefix), torch.tensor(values)

@@ -156,13 +156,13 @@ class ProxyReward:
         ]
         out = []
         for group, nll in zip(prefixes, nlls, strict=True):
-            scores = []
-            for text in group:
-                n = len(self.lm.tokenizer(text or " ", add_special_tokens=False)["input_ids"])
-                mean = float(nll[:n].mean()) if n and len(nll) else math.inf
-                penalty = self.nll_weight * (mean if math.isfinite(mean) else 10.0)
-                scores.append(float(next(relevance)) - penalty)
-            out.append(scores)
+            *heads, _ = group  # the whole answer is all of `nll`; a prefix, its first tokens
+            encode = self.lm.tokenizer
+            counts = [len(encode(t or " ", add_special_tokens=False)["input_ids"]) for t in heads]
+            counts.append(len(nll))
+            means = [float(nll[:n].mean()) if n else math.inf for n in counts]
+            penalties = [self.nll_weight * (m if math.isfinite(m) else 10.0) for m in means]
+            out.append([float(next(relevance)) - p for p in penalties])
         return out
 
 

@@ -325,20 +325,25 @@ def _scores(
     done: list[bool],
 ) -> list[float]:
     assert scorers.reward is not None
-    rewards = scorers.reward.reward([query] * len(texts), texts)
+    if settings.score == "lagrangian":
+        rewards = scorers.reward.reward([query] * len(texts), texts)
+        return [r - settings.lagrange * c for r, c in zip(rewards, costs, strict=True)]
+    # Over budget is worth `unsafe_value` whatever it says: score only the rest.
+    scores = [settings.unsafe_value] * len(texts)
+    within = [i for i, c in enumerate(costs) if c <= budget]
+    if not within:
+        return scores
+    rewards = scorers.reward.reward([query] * len(within), [texts[i] for i in within])
+    corrections = [0.0] * len(within)
     if settings.score == "critic":
-        assert scorers.critic is not None
-        z = torch.tensor([budget - c for c in costs])
-        corrections = scorers.critic.value(hidden, z)
         # V = the prefix's augmented reward + the critic's correction; a finished answer is
         # worth its reward: the critic only estimates where unfinished ones are heading.
-        return [
-            settings.unsafe_value if c > budget else r if d else r + v
-            for r, v, c, d in zip(rewards, corrections, costs, done, strict=True)
-        ]
-    if settings.score == "lagrangian":
-        return [r - settings.lagrange * c for r, c in zip(rewards, costs, strict=True)]
-    return [settings.unsafe_value if c > budget else r for r, c in zip(rewards, costs, strict=True)]
+        assert scorers.critic is not None
+        z = torch.tensor([budget - costs[i] for i in within])
+        corrections = scorers.critic.value(hidden[within], z)
+    for i, r, v in zip(within, rewards, corrections, strict=True):
+        scores[i] = r if done[i] else r + v
+    return scores
 
 
 def run(steps: Generator[None, None, SearchResult]) -> SearchResult:
