@@ -91,7 +91,7 @@ def main() -> None:
         def probe(texts: Sequence[str]) -> list[list[float]]:
             from guardrail.vectors import last_token_states
 
-            states = last_token_states(lm, texts)[:, list(gate.layers)]
+            states = last_token_states(lm, texts, layers=gate.layers)
             return [[float(s)] for s in gate.scores(states)]
 
         pool = [f"{p}\n\nSure, here is how: step one." for p in advbench_test()[: args.distinct]]

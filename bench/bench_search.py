@@ -3,9 +3,11 @@
 For each method: safety rate (returned answer within budget under the calibrated cost model
 at every `check` tokens and at its end, as the guard's stream checks it), mean proxy reward
 (of all answers, and of those within budget), mean cost (the highest at those checks),
-keyword refusal rate, candidates scored, and p50 latency over base generation of the same
-max tokens. Methods (search ones at equal candidates, K x S a round; the search ones rank by
-the same path cost):
+keyword refusal rate, candidates scored, tokens sampled, and p50 latency over base generation
+of the same max tokens. Methods at equal compute: best-of-N samples N = K x S whole answers
+(`--bon` overrides), the same number of tokens as a beam search of K x S candidates a round
+that reaches full length, and the same number of finished answers to pick from; all rank by
+the same path cost:
 
 - base: greedy; steered: greedy with the calibrated steering forced on;
 - best-of-N, Lagrangian: N full samples, pick max reward - lambda * cost;
@@ -15,12 +17,15 @@ the same path cost):
   penalised resampling and the refusal text as the last resort;
 - InferenceGuard with critic: the same, ranked by the latent critic.
 
+Under each table: InferenceGuard with critic minus best-of-N augmented in reward, paired by
+prompt (mean and two standard errors), the comparison the issue's target is about.
+
 Then: the share of benign requests that take the search path through the Guard with the
 default policy (`--benign-search N` Alpaca test prompts), and the cost model's accuracy and
 the critic's error on held-aside (`dev`) rollouts, from the calibration manifest.
 
     python bench/bench_search.py [--harmful 16] [--benign 16] [--tokens 48] [--benign-search 300]
-        [--width 24 --check 16 --beams 4 --samples 3] [--budget 5] [--only NAME ...]
+        [--width 24 --check 16 --beams 4 --samples 6] [--bon N] [--budget 5] [--only NAME ...]
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ def methods(args: argparse.Namespace) -> dict[str, SearchSettings | str]:
         rounds=args.rounds,
         check=args.check,
     )
-    n = args.samples * args.beams * max(args.tokens // args.width, 1)
+    n = args.bon or args.samples * args.beams
     bon = SearchSettings(
         width=args.tokens, samples=n, beams=1, rounds=1, strict=False, check=args.check
     )
@@ -79,21 +84,23 @@ def answer(
     tokens: int,
     seed: int,
     budget: float,
-) -> tuple[list[int], int]:
-    """The answer's tokens, and the candidates scored to find it."""
+) -> tuple[list[int], int, int]:
+    """The answer's tokens, the candidates scored to find it and the tokens sampled."""
     text = lm.format_chat(prompt)
     sampling = Sampling(max_new_tokens=tokens)
     if method == "base":
-        return decode(lm, prefill(lm, [text]), sampling)[0], 0
+        answer = decode(lm, prefill(lm, [text]), sampling)[0]
+        return answer, 0, len(answer)
     if method == "steered":
         setting = calibration.steering
-        return steered_generate(
+        answer = steered_generate(
             lm,
             [text],
             calibration.steering_vectors(setting),
             torch.tensor([setting.strength]),
             sampling,
-        )[0], 0
+        )[0]
+        return answer, 0, len(answer)
     assert isinstance(method, SearchSettings)
     result = run(
         search(
@@ -107,11 +114,8 @@ def answer(
             generator=torch.Generator().manual_seed(seed),
         )
     )
-    if result.tokens is None:
-        return lm.tokenizer(DEFAULT_REFUSAL, add_special_tokens=False)[
-            "input_ids"
-        ], result.candidates
-    return result.tokens, result.candidates
+    refusal = lm.tokenizer(DEFAULT_REFUSAL, add_special_tokens=False)["input_ids"]
+    return result.tokens or refusal, result.candidates, result.sampled
 
 
 def compare(lm: Any, calibration: Any, scorers: Any, args: argparse.Namespace) -> None:
@@ -123,29 +127,31 @@ def compare(lm: Any, calibration: Any, scorers: Any, args: argparse.Namespace) -
         if not prompts:
             continue
         rows = []
-        results: dict[str, tuple[list[str], list[float], list[int]]] = {}
+        results: dict[str, tuple[list[list[int]], list[float], list[int], list[int]]] = {}
+        rewards_of: dict[str, list[float]] = {}
         for name, method in methods(args).items():
             if args.only and name != "base" and not any(o in name for o in args.only):
                 continue
-            answers, seconds, candidates = [], [], []
+            answers, seconds, candidates, sampled = [], [], [], []
             for i, prompt in enumerate(prompts):
                 started = time.perf_counter()
-                tokens, scored = answer(
+                tokens, scored, drawn = answer(
                     lm, calibration, scorers, method, prompt, args.tokens, i, args.budget
                 )
                 seconds.append(time.perf_counter() - started)
                 answers.append(tokens)
                 candidates.append(scored)
-            results[name] = (answers, seconds, candidates)
+                sampled.append(drawn)
+            results[name] = (answers, seconds, candidates, sampled)
         base_p50 = statistics.median(results["base"][1])
-        for name, (answers, seconds, candidates) in results.items():
+        for name, (answers, seconds, candidates, sampled) in results.items():
             texts = [lm.tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
             # Cost as the guard's stream would release the answer: the most at any chunk.
             costs = [
                 path_cost(lm, scorers.cost, p, a, args.check)
                 for p, a in zip(prompts, answers, strict=True)
             ]
-            rewards = scorers.reward.reward(prompts, texts)
+            rewards = rewards_of[name] = scorers.reward.reward(prompts, texts)
             within = [r for r, c in zip(rewards, costs, strict=True) if c <= args.budget]
             rows.append(
                 [
@@ -156,6 +162,7 @@ def compare(lm: Any, calibration: Any, scorers: Any, args: argparse.Namespace) -
                     statistics.mean(costs),
                     sum(map(is_refusal, texts)) / len(texts),
                     statistics.mean(candidates),
+                    statistics.mean(sampled),
                     statistics.median(seconds) / base_p50,
                 ]
             )
@@ -173,15 +180,33 @@ def compare(lm: Any, calibration: Any, scorers: Any, args: argparse.Namespace) -
                     "cost",
                     "refusals",
                     "candidates",
+                    "tokens sampled",
                     "p50 / base",
                 ],
                 rows,
             )
         )
+        print(paired_difference(rewards_of))
         if args.show:
-            for name, (answers, _, _) in results.items():
+            for name, (answers, *_) in results.items():
                 shown = lm.tokenizer.decode(answers[0], skip_special_tokens=True).strip()
                 print(f"  {name}: {shown[:150]!r}")
+
+
+def paired_difference(rewards: dict[str, list[float]]) -> str:
+    """InferenceGuard with critic minus best-of-N augmented, prompt by prompt."""
+    bon = next(
+        (r for name, r in rewards.items() if name.endswith("augmented") and "best" in name), None
+    )
+    ours = rewards.get("InferenceGuard, critic")
+    if bon is None or ours is None or len(ours) < 2:
+        return "reward, InferenceGuard critic - best-of-N augmented: needs both methods"
+    diffs = [a - b for a, b in zip(ours, bon, strict=True)]
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5
+    return (
+        f"reward, InferenceGuard critic - best-of-N augmented (paired by prompt): "
+        f"{statistics.mean(diffs):+.3f} +- {2 * se:.3f} (2 s.e.)"
+    )
 
 
 def benign_search_rate(lm: Any, calibration: Any, n: int, tokens: int) -> None:
@@ -213,9 +238,12 @@ def main() -> None:
     parser.add_argument(
         "--check", type=int, default=16, help="tokens between cost checks (the guard's chunk)"
     )
-    parser.add_argument("--samples", type=int, default=3)
+    parser.add_argument("--samples", type=int, default=6)
     parser.add_argument("--beams", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument(
+        "--bon", type=int, default=0, help="best-of-N's N (default: beams x samples, equal tokens)"
+    )
     parser.add_argument("--benign-search", type=int, default=300)
     parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET)
     parser.add_argument("--threads", type=int, default=2)

@@ -6,6 +6,7 @@ row, what happens next, without a second pass for rows it leaves alone.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -132,6 +133,17 @@ def _cache_layers(cache: Any) -> list[Any]:
             f"row-wise batching needs a dynamic (non-sliding) KV cache, got {type(cache).__name__}"
         )
     return list(layers)
+
+
+def repeat_cache(cache: Any, rows: int) -> Any:
+    """A copy of a one-row KV cache for `rows` rows: a prefix that every row shares, computed
+    once. The copies are views until a forward pass appends to them (the cache concatenates)."""
+    copied = copy.deepcopy(cache)
+    for layer in _cache_layers(copied):
+        if layer.keys is not None and layer.keys.numel():
+            layer.keys = layer.keys.expand(rows, -1, -1, -1)
+            layer.values = layer.values.expand(rows, -1, -1, -1)
+    return copied
 
 
 def select_rows(state: Prefilled, indices: Sequence[int]) -> Prefilled:

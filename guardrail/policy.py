@@ -64,7 +64,7 @@ class SearchPolicy(_Strict):
     width: int = Field(
         24, ge=1, le=1024, description="tokens per round (costs: at every stream chunk)"
     )
-    samples: int = Field(3, ge=1, le=512, description="continuations sampled per beam")
+    samples: int = Field(6, ge=1, le=512, description="continuations sampled per beam")
     beams: int = Field(4, ge=1, le=64, description="beams kept (K)")
     rounds: int = Field(8, ge=1, le=1024, description="rounds, resampled ones included")
     critic: bool = Field(True, description="rank by the latent critic (else reward and cost)")

@@ -47,7 +47,7 @@ Score = Literal["critic", "augmented", "lagrangian"]
 @dataclass(frozen=True)
 class SearchSettings:
     width: int = 24  # tokens per round
-    samples: int = 3  # continuations sampled per beam
+    samples: int = 6  # continuations sampled per beam (K x S a round)
     beams: int = 4  # beams kept (K)
     rounds: int = 8  # rounds, including resampled ones
     penalty: float = 5.0  # logit penalty on tokens of over-budget candidates
@@ -86,6 +86,7 @@ class SearchResult:
     cost: float | None
     score: float | None
     candidates: int = 0  # candidates scored
+    sampled: int = 0  # tokens sampled (the search's compute, next to a plain answer's length)
     rounds: int = 0
     resampled: int = 0  # rounds that had to resample
     timings_ms: dict[str, float] = field(default_factory=dict)
@@ -196,6 +197,7 @@ def search(
         new, ended = yield from _sample_chunk(
             runner, grown, grown_hidden, settings, penalised, generator, limits
         )
+        result.sampled += sum(map(len, new))
         candidates = [p.tokens + t for p, t in zip(parents, new, strict=True)]
         done = [
             e or len(c) - len(prefix) >= max_new_tokens

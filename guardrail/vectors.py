@@ -8,11 +8,16 @@ prefix's tokens: a second source of steering vectors for models that never learn
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
+from typing import Any
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
+from guardrail.generate import repeat_cache
 from guardrail.hooks import Recorder, decoder_layers
 from guardrail.model import LanguageModel
 
@@ -37,30 +42,82 @@ def num_layers(lm: LanguageModel) -> int:
     return len(decoder_layers(lm.model))
 
 
+class _Enough(Exception):
+    """Raised by a hook after the last layer a read-out needs: the rest of the pass is skipped."""
+
+
+def shared_prefix(ids: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens every sequence shares, leaving each at least one of its own
+    (the chat template's system turn, for prompts formatted alike)."""
+    if not ids:
+        return 0
+    first, limit = ids[0], min(len(i) for i in ids) - 1
+    for k in range(max(limit, 0)):
+        if any(i[k] != first[k] for i in ids):
+            return k
+    return max(limit, 0)
+
+
 @torch.inference_mode()
 def last_token_states(
-    lm: LanguageModel, texts: Sequence[str], *, batch_size: int = 32, desc: str | None = None
+    lm: LanguageModel,
+    texts: Sequence[str],
+    *,
+    layers: Sequence[int] | None = None,
+    batch_size: int = 32,
+    desc: str | None = None,
 ) -> torch.Tensor:
-    """Hidden state of each text's last token at every layer: [texts, layers, hidden].
+    """Hidden state of each text's last token at `layers` (default: every layer, else in the
+    order given): [texts, layers, hidden], in input order.
 
-    Texts are batched by length (less padding, same results), and returned in input order.
+    Reading is cheaper than a full pass on three counts, with the same states up to
+    floating-point summation order: texts are batched by length (less padding), the prefix
+    all texts share (the system turn of a chat template: half of a short prompt's tokens) is
+    run once and its KV cache reused by every batch, and the pass stops after the last layer
+    asked for (a gate reading layers 0-16 of 30 skips the rest).
     """
-    recorder = Recorder(range(num_layers(lm)))
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    out = torch.empty(len(texts), len(recorder.layers), lm.hidden_size)
-    with recorder.applied(lm.model):
-        for start in tqdm(range(0, len(texts), batch_size), desc=desc, disable=desc is None):
-            rows = order[start : start + batch_size]
-            batch = lm.encode([texts[i] for i in rows])
-            mask = batch["attention_mask"]
+    wanted = list(range(num_layers(lm))) if layers is None else list(layers)
+    if not wanted:
+        raise ValueError("last_token_states needs at least one layer")
+    recorder = Recorder(sorted(set(wanted)))
+    ids = [lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    shared = shared_prefix(ids)
+    pad = int(lm.tokenizer.pad_token_id)
+    order = sorted(range(len(texts)), key=lambda i: len(ids[i]))
+    out = torch.empty(len(texts), len(wanted), lm.hidden_size)
+
+    def stop(_module: nn.Module, _args: Any, _output: Any) -> None:
+        raise _Enough
+
+    def run(input_ids: list[list[int]], mask: torch.Tensor, cache: Any) -> None:
+        with contextlib.suppress(_Enough):
             lm.model(
-                input_ids=batch["input_ids"],
-                attention_mask=mask,
-                position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                use_cache=False,
+                input_ids=torch.tensor(input_ids, device=lm.device),
+                attention_mask=mask.to(lm.device),
+                position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, -len(input_ids[0]) :],
+                cache=cache,
+                use_cache=True,
                 logits_to_keep=1,
             )
-            out[rows] = torch.stack([recorder.states[i] for i in recorder.layers], 1).float().cpu()
+
+    with recorder.applied(lm.model):
+        last = decoder_layers(lm.model)[max(wanted)].register_forward_hook(stop)
+        try:
+            prefix = DynamicCache(config=lm.model.config)
+            if shared:
+                run([ids[0][:shared]], torch.ones(1, shared, dtype=torch.long), prefix)
+            for start in tqdm(range(0, len(texts), batch_size), desc=desc, disable=desc is None):
+                rows = order[start : start + batch_size]
+                tails = [ids[i][shared:] for i in rows]
+                width = max(map(len, tails))
+                mask = torch.tensor(
+                    [[1] * shared + [0] * (width - len(t)) + [1] * len(t) for t in tails]
+                )
+                padded = [[pad] * (width - len(t)) + t for t in tails]
+                run(padded, mask, repeat_cache(prefix, len(rows)))
+                out[rows] = torch.stack([recorder.states[i] for i in wanted], 1).float().cpu()
+        finally:
+            last.remove()
     return out
 
 

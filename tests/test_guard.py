@@ -30,8 +30,8 @@ def _gate_fires(lm: Any, calibration: Any, prompts: list[str]) -> list[bool]:
     from guardrail.vectors import last_token_states
 
     gate = calibration.gate
-    states = last_token_states(lm, [lm.format_chat(p) for p in prompts])
-    return gate.fires(gate.read(states)).tolist()  # type: ignore[no-any-return]
+    states = last_token_states(lm, [lm.format_chat(p) for p in prompts], layers=gate.layers)
+    return gate.fires(gate.scores(states)).tolist()  # type: ignore[no-any-return]
 
 
 def test_gate_on_held_out_prompts(lm: Any, calibration: Any) -> None:

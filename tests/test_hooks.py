@@ -105,3 +105,31 @@ def test_last_token_states_keep_input_order(tiny_lm: Any) -> None:
     for row, text in enumerate(texts):
         alone = last_token_states(tiny_lm, [text])[0]
         torch.testing.assert_close(together[row], alone, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("formatted", [True, False])
+def test_last_token_states_match_a_full_pass(tiny_lm: Any, formatted: bool) -> None:
+    """The shared prefix run once, and the pass stopped after the last layer asked for, read
+    the same states as one plain pass over each whole text."""
+    from guardrail.vectors import last_token_states, num_layers
+
+    texts = _texts(tiny_lm) if formatted else ["Hello there", "Why is the sky blue?", "Hi"]
+    layers = [num_layers(tiny_lm) - 2, 0]  # the last layer's hidden state is normed: skip it
+    states = last_token_states(tiny_lm, texts, layers=layers, batch_size=2)
+    assert states.shape == (len(texts), len(layers), tiny_lm.hidden_size)
+    for row, text in enumerate(texts):
+        batch = tiny_lm.encode([text])
+        with torch.inference_mode():
+            hidden = tiny_lm.model(**batch, output_hidden_states=True).hidden_states
+        expected = torch.stack([hidden[layer + 1][0, -1] for layer in layers])
+        torch.testing.assert_close(states[row], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_shared_prefix_leaves_each_sequence_a_token() -> None:
+    from guardrail.vectors import shared_prefix
+
+    assert shared_prefix([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == 2
+    assert shared_prefix([[1, 2, 3], [1, 2, 3]]) == 2
+    assert shared_prefix([[7], [7, 8]]) == 0
+    assert shared_prefix([[1, 2], [3, 4]]) == 0
+    assert shared_prefix([]) == 0

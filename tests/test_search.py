@@ -62,6 +62,7 @@ def test_near_greedy_search_continues_exactly_like_decode(lm: Any) -> None:
     result = _search(lm, scorers, settings, max_new_tokens=8, prefix=greedy[:2])
     assert result.tokens == greedy[:10]
     assert result.rounds == 3 and result.candidates == 3 and result.cost == 1.0
+    assert result.sampled == 8  # 3 + 3 + 2 tokens: the search's compute
 
 
 def test_search_returns_only_answers_within_budget(lm: Any) -> None:
