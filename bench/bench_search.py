@@ -89,18 +89,18 @@ def answer(
     text = lm.format_chat(prompt)
     sampling = Sampling(max_new_tokens=tokens)
     if method == "base":
-        answer = decode(lm, prefill(lm, [text]), sampling)[0]
-        return answer, 0, len(answer)
+        out = decode(lm, prefill(lm, [text]), sampling)[0]
+        return out, 0, len(out)
     if method == "steered":
         setting = calibration.steering
-        answer = steered_generate(
+        out = steered_generate(
             lm,
             [text],
             calibration.steering_vectors(setting),
             torch.tensor([setting.strength]),
             sampling,
         )[0]
-        return answer, 0, len(answer)
+        return out, 0, len(out)
     assert isinstance(method, SearchSettings)
     result = run(
         search(
@@ -114,8 +114,10 @@ def answer(
             generator=torch.Generator().manual_seed(seed),
         )
     )
-    refusal = lm.tokenizer(DEFAULT_REFUSAL, add_special_tokens=False)["input_ids"]
-    return result.tokens or refusal, result.candidates, result.sampled
+    if result.tokens is None:
+        refusal = lm.tokenizer(DEFAULT_REFUSAL, add_special_tokens=False)["input_ids"]
+        return refusal, result.candidates, result.sampled
+    return result.tokens, result.candidates, result.sampled
 
 
 def compare(lm: Any, calibration: Any, scorers: Any, args: argparse.Namespace) -> None:

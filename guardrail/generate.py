@@ -139,8 +139,8 @@ def repeat_cache(cache: Any, rows: int) -> Any:
     """A copy of a one-row KV cache for `rows` rows: a prefix that every row shares, computed
     once. The copies are views until a forward pass appends to them (the cache concatenates)."""
     copied = copy.deepcopy(cache)
-    for layer in _cache_layers(copied):
-        if layer.keys is not None and layer.keys.numel():
+    for layer in getattr(copied, "layers", []):  # sliding-window layers too: nothing is trimmed
+        if getattr(layer, "keys", None) is not None and layer.keys.numel():
             layer.keys = layer.keys.expand(rows, -1, -1, -1)
             layer.values = layer.values.expand(rows, -1, -1, -1)
     return copied
