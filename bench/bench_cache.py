@@ -89,10 +89,9 @@ def main() -> None:
         gate = calibration.gate
 
         def probe(texts: Sequence[str]) -> list[list[float]]:
-            from guardrail.vectors import last_token_states
+            from guardrail.vectors import gate_scores
 
-            states = last_token_states(lm, texts, layers=gate.layers)
-            return [[float(s)] for s in gate.scores(states)]
+            return [[float(s)] for s in gate_scores(lm, gate, texts)]
 
         pool = [f"{p}\n\nSure, here is how: step one." for p in advbench_test()[: args.distinct]]
         texts = workload(pool, args.requests)

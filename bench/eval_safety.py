@@ -17,13 +17,14 @@ from typing import Any
 from common import advbench_test, alpaca_test, malicious_instruct, setup, table
 from guardrail import datasets
 from guardrail.engine import GuardedGenerator
+from guardrail.gate import READS
 from guardrail.generate import Sampling
 from guardrail.judge import fluency, is_refusal
-from guardrail.vectors import last_token_states
+from guardrail.vectors import read_states
 
 
 def states(lm: Any, prompts: list[str]) -> Any:
-    return last_token_states(lm, [lm.format_chat(p) for p in prompts])
+    return read_states(lm, [lm.prompt(p) for p in prompts], reads=READS)
 
 
 def answers(
@@ -63,15 +64,16 @@ def main() -> None:
     rows = []
     for gate in (calibration.gate, calibration.srv_gate):
         for set_name, acts in read.items():
+            prompts = {**harmful, **harmless}[set_name]
             metric = "TPR" if set_name in harmful else "FPR"
             hits = int(gate.fires(gate.read(acts)).sum())
             rows.append(
                 [
-                    f"{gate.kind} @ layers {list(gate.layers)}",
+                    f"{gate.kind} {'+'.join(gate.reads)} @ layers {list(gate.layers)}",
                     set_name,
-                    f"{hits}/{len(acts)}",
+                    f"{hits}/{len(prompts)}",
                     metric,
-                    f"{hits / len(acts):.4f}",
+                    f"{hits / len(prompts):.4f}",
                 ]
             )
     print("Gate on held-out prompts (threshold set on the calibration `select` split)")

@@ -22,13 +22,14 @@ from guardrail.cache.artifacts import ArtifactStore, DirectoryStore, RedisStore,
 from guardrail.calibration import Calibration, SteeringSetting
 from guardrail.engine import steered_generate
 from guardrail.errors import CalibrationError, ModelError
-from guardrail.gate import Gate, auroc, fit_probe, rates, threshold_at_fpr
+from guardrail.gate import READS, Gate, auroc, fit_probe, rates, threshold_at_fpr
 from guardrail.generate import Sampling
 from guardrail.judge import fluency, is_refusal
 from guardrail.model import LanguageModel, cache_root, load_model
 from guardrail.vectors import (
     last_token_states,
     num_layers,
+    read_states,
     refusal_direction,
     safety_related_vectors,
 )
@@ -45,10 +46,17 @@ class CalibrationConfig:
         default_factory=lambda: [str(p) for p in datasets.default_harmless()]
     )
     # Share of prompts also seen inside a jailbreak-style wrapper (see `calibrate`).
-    templates: str | None = field(default_factory=lambda: str(datasets.default_templates()))
+    templates: list[str] = field(
+        default_factory=lambda: [
+            str(datasets.default_templates()),
+            str(datasets.wrapper_families()),  # without `datasets.HELD_OUT_FAMILIES`
+        ]
+    )
     augment: float = 0.3
     target_fpr: float = 0.01
     probe_l2: Sequence[float] = (1e-2, 1e-1)
+    # Positions each probe reads (see `gate.READS`); every set is tried with every window.
+    gate_reads: Sequence[Sequence[str]] = (("last",), ("last", "inst", "mean"))
     # Layer offsets around a centre layer that one probe reads; every window is tried.
     probe_windows: Sequence[Sequence[int]] = ((-4, 0, 4), (-8, -4, 0, 4, 8))
     aligned_model: str | None = None  # a safety-aligned model of the same hidden size
@@ -74,7 +82,7 @@ def calibrate(
     config = config or CalibrationConfig()
     harmful_all = datasets.load_many(config.harmful)
     harmless_all = datasets.load_many(config.harmless)
-    templates = datasets.load_prompts(config.templates) if config.templates else []
+    templates = _templates(config)
     split = {
         (kind, name): datasets.take_split(prompts, name)
         for kind, prompts in (("harmful", harmful_all), ("harmless", harmless_all))
@@ -94,10 +102,13 @@ def calibrate(
     started = time.perf_counter()
     say = (lambda text: tqdm.write(text)) if progress else log.info
 
-    def states(prompts: list[str], desc: str) -> torch.Tensor:
-        return last_token_states(
+    reads = sorted({"last", *(r for rs in config.gate_reads for r in rs)}, key=READS.index)
+
+    def states(prompts: list[str], desc: str) -> dict[str, torch.Tensor]:
+        return read_states(
             lm,
-            [lm.format_chat(p) for p in prompts],
+            [lm.prompt(p) for p in prompts],
+            reads=reads,
             batch_size=config.batch_size,
             desc=desc if progress else None,
         )
@@ -112,12 +123,14 @@ def calibrate(
         kind: max(rows, key=lambda r: (r["tpr"], r["auroc"])) for kind, rows in gate_search.items()
     }
     say(
-        f"gate: probe on layers {list(gate.layers)} (select TPR {chosen['probe']['tpr']:.3f},"
+        f"gate: probe on {'+'.join(gate.reads)} at layers {list(gate.layers)}"
+        f" (select TPR {chosen['probe']['tpr']:.3f},"
         f" FPR {chosen['probe']['fpr']:.3f}); SRV baseline at layer {srv_gate.layers[0]}"
         f" (TPR {chosen['srv']['tpr']:.3f}, FPR {chosen['srv']['fpr']:.3f})"
     )
 
-    ssvs = {"srv": _unit(safety_related_vectors(acts["harmful", "fit"], acts["harmless", "fit"]))}
+    fit_last = acts["harmful", "fit"]["last"], acts["harmless", "fit"]["last"]
+    ssvs = {"srv": _unit(safety_related_vectors(*fit_last))}
     ssvs["refusal"] = _unit(
         refusal_direction(
             lm, split["harmful", "fit"][:64], desc="refusal direction" if progress else None
@@ -127,7 +140,7 @@ def calibrate(
         ssvs["aligned"] = _unit(
             _aligned_srvs(config, split, num_layers(lm), lm.hidden_size, progress)
         )
-    norms = torch.cat([acts["harmful", "fit"], acts["harmless", "fit"]]).norm(dim=-1).mean(0)
+    norms = torch.cat(fit_last).norm(dim=-1).mean(0)
 
     steering, meets, search_table = _choose_steering(lm, ssvs, norms, split, config, progress)
     if steering is None:
@@ -145,7 +158,8 @@ def calibrate(
         "data": {
             "harmful": {"paths": config.harmful, "hash": datasets.content_hash(harmful_all)},
             "harmless": {"paths": config.harmless, "hash": datasets.content_hash(harmless_all)},
-            "templates": {"path": config.templates, "hash": datasets.content_hash(templates)},
+            "templates": {"paths": config.templates, "hash": datasets.content_hash(templates)},
+            "held_out_families": list(datasets.HELD_OUT_FAMILIES),
             "split_sizes": {f"{k}/{n}": len(p) for (k, n), p in split.items()},
         },
         "config": asdict(config),
@@ -163,30 +177,35 @@ def _unit(vectors: torch.Tensor) -> torch.Tensor:
     return unit
 
 
-def _choose_gate(
-    acts: dict[tuple[str, str], torch.Tensor], config: CalibrationConfig
-) -> tuple[Gate, Gate, dict[str, list[dict[str, Any]]]]:
-    """Fit read-outs on `fit`, set thresholds and pick layers on `select`.
+def _templates(config: CalibrationConfig) -> list[str]:
+    return [t for path in config.templates for t in datasets.load_templates(path)]
 
-    Probe: one per window of layers (a centre plus offsets) and L2 strength.
-    SRV baseline: InferAligner's unit SRV at each single layer.
+
+def _choose_gate(
+    acts: dict[tuple[str, str], dict[str, torch.Tensor]], config: CalibrationConfig
+) -> tuple[Gate, Gate, dict[str, list[dict[str, Any]]]]:
+    """Fit read-outs on `fit`, set thresholds and pick reads and layers on `select`.
+
+    Probe: one per set of reads, window of layers (a centre plus offsets) and L2 strength.
+    SRV baseline: InferAligner's unit SRV at each single layer, read at the last token.
     """
     fit_h, fit_b = acts["harmful", "fit"], acts["harmless", "fit"]
     sel_h, sel_b = acts["harmful", "select"], acts["harmless", "select"]
-    n_layers = fit_h.shape[1]
+    n_layers = fit_h["last"].shape[1]
 
     def measured(gate: Gate) -> tuple[Gate, dict[str, Any]]:
         gate.threshold = threshold_at_fpr(gate.read(sel_b), config.target_fpr)
         tpr, fpr = rates(gate.read(sel_h), gate.read(sel_b), gate.threshold)
         area = auroc(gate.read(sel_h), gate.read(sel_b))
         return gate, {
+            "reads": list(gate.reads),
             "layers": list(gate.layers),
             "tpr": round(tpr, 4),
             "fpr": round(fpr, 4),
             "auroc": round(area, 4),
         }
 
-    srvs = safety_related_vectors(fit_h, fit_b)
+    srvs = safety_related_vectors(fit_h["last"], fit_b["last"])
     srv_rows = [
         measured(Gate((layer,), srvs[layer] / srvs[layer].norm().clamp(min=1e-8), 0.0, 0.0, "srv"))
         for layer in range(n_layers)
@@ -197,13 +216,17 @@ def _choose_gate(
         for centre in range(-min(window), n_layers - max(window), 2)
     ] or [(layer,) for layer in range(n_layers)]  # shallow models: one layer per probe
     probe_rows = []
-    for layers in windows:
-        for l2 in config.probe_l2:
-            weight, bias = fit_probe(
-                fit_h[:, list(layers)].flatten(1), fit_b[:, list(layers)].flatten(1), l2=l2
-            )
-            gate, row = measured(Gate(layers, weight, bias, 0.0, "probe"))
-            probe_rows.append((gate, {**row, "l2": l2}))
+    for reads in config.gate_reads:
+        for layers in windows:
+            shape = Gate(layers, torch.zeros(0), 0.0, 0.0, "probe", tuple(reads))
+            features = {
+                name: shape.features({r: x[r][:, list(layers)] for r in shape.reads})
+                for name, x in (("harmful", fit_h), ("harmless", fit_b))
+            }
+            for l2 in config.probe_l2:
+                weight, bias = fit_probe(features["harmful"], features["harmless"], l2=l2)
+                gate, row = measured(Gate(layers, weight, bias, 0.0, "probe", tuple(reads)))
+                probe_rows.append((gate, {**row, "l2": l2}))
 
     def best(rows: list[tuple[Gate, dict[str, Any]]]) -> tuple[Gate, dict[str, Any]]:
         return max(rows, key=lambda r: (r[1]["tpr"], r[1]["auroc"]))
@@ -328,7 +351,7 @@ def artifact_key(lm: LanguageModel, config: CalibrationConfig) -> str:
     """Model fingerprint, data hashes and schema version: artifacts never cross any of them."""
     from guardrail.calibration import SCHEMA_VERSION
 
-    templates = datasets.load_prompts(config.templates) if config.templates else []
+    templates = _templates(config)
     # The data by content, not by path: the same data installed elsewhere maps to one key.
     settings = {
         k: v for k, v in asdict(config).items() if k not in ("harmful", "harmless", "templates")

@@ -13,9 +13,9 @@ import torch
 
 from guardrail.cache.artifacts import Artifacts
 from guardrail.errors import CalibrationError
-from guardrail.gate import Gate, threshold_at_fpr
+from guardrail.gate import READS, Gate, threshold_at_fpr
 
-SCHEMA_VERSION = 2  # bump when the calibration procedure or layout changes
+SCHEMA_VERSION = 3  # bump when the calibration procedure or layout changes
 SOURCES = ("srv", "refusal", "aligned")
 
 
@@ -116,6 +116,7 @@ class Calibration:
 def _gate_fields(gate: Gate) -> dict[str, Any]:
     return {
         "layers": list(gate.layers),
+        "reads": list(gate.reads),
         "bias": gate.bias,
         "threshold": gate.threshold,
         "kind": gate.kind,
@@ -123,10 +124,19 @@ def _gate_fields(gate: Gate) -> dict[str, Any]:
 
 
 def _gate(fields: dict[str, Any], weight: torch.Tensor) -> Gate:
-    return Gate(
+    gate = Gate(
         layers=tuple(fields["layers"]),
         weight=weight,
         bias=float(fields["bias"]),
         threshold=float(fields["threshold"]),
         kind=str(fields["kind"]),
+        reads=tuple(fields["reads"]),
     )
+    if unknown := set(gate.reads) - set(READS):
+        raise CalibrationError(f"gate reads {sorted(unknown)} unknown; known: {list(READS)}")
+    if weight.dim() != 1 or weight.numel() % (len(gate.reads) * len(gate.layers)):
+        raise CalibrationError(
+            f"gate weight of shape {tuple(weight.shape)} does not fit {len(gate.reads)} reads"
+            f" x {len(gate.layers)} layers"
+        )
+    return gate

@@ -41,13 +41,57 @@ def default_harmful() -> list[Path]:
 
 
 def default_harmless() -> list[Path]:
-    """Benign prompts written for this project, about a quarter of which merely sound harmful."""
-    return [_data_file(f"benign_prompts{suffix}.txt") for suffix in ("", "_2", "_3", "_4")]
+    """Benign prompts written for this project, about a quarter of which merely sound harmful,
+    and borderline requests that only sound harmful (where a gate over-refuses)."""
+    names = [f"benign_prompts{suffix}.txt" for suffix in ("", "_2", "_3", "_4")]
+    return [_data_file(name) for name in [*names, "borderline_benign.txt"]]
 
 
 def default_templates() -> Path:
     """Jailbreak-style wrappers with a `{prompt}` slot, written for this project."""
     return _data_file("jailbreak_templates.txt")
+
+
+def wrapper_families() -> Path:
+    """Jailbreak wrappers in 12 attack families (`family`, `template`), written for this project."""
+    return _data_file("wrappers.jsonl")
+
+
+# Wrapper families calibration never sees: evaluation measures transfer to an unseen wrapper.
+HELD_OUT_FAMILIES = ("authority", "fake_dialogue", "grandma", "system_override")
+
+
+def load_templates(path: str | Path, *, held_out: bool = False) -> list[str]:
+    """Templates with one `{prompt}` slot from .txt (a line each) or a wrapper-family .jsonl;
+    from .jsonl, the families calibration may use, or with `held_out` only the others."""
+    path = Path(path)
+    if path.suffix != ".jsonl":
+        templates = load_prompts(path)
+    else:
+        families = load_families(path)
+        templates = [
+            t
+            for family, items in families.items()
+            if (family in HELD_OUT_FAMILIES) == held_out
+            for t in items
+        ]
+    if bad := [t for t in templates if t.count("{prompt}") != 1]:
+        raise InputError(f"{path}: template without exactly one {{prompt}} slot: {bad[0][:60]!r}")
+    return templates
+
+
+def load_families(path: str | Path) -> dict[str, list[str]]:
+    """Wrapper templates by family from a .jsonl of {"family": ..., "template": ...}."""
+    families: dict[str, list[str]] = {}
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            families.setdefault(str(item["family"]), []).append(str(item["template"]))
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise InputError(f"{path}: line {number}: expected family and template") from exc
+    return families
 
 
 def load_many(paths: Sequence[str | Path]) -> list[str]:

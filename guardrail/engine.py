@@ -17,8 +17,9 @@ from typing import Any, Literal
 import torch
 
 from guardrail.calibration import Calibration, SteeringSetting
+from guardrail.gate import read_weights
 from guardrail.generate import Sampling, decode, prefill
-from guardrail.hooks import Recorder, Steering
+from guardrail.hooks import Pooler, Steering
 from guardrail.model import Chat, LanguageModel
 
 OnFire = Literal["auto", "steer", "refuse"]
@@ -118,17 +119,19 @@ class GuardedGenerator:
     ) -> list[Answer]:
         if not chats:
             return []
-        texts = [self.lm.format_chat(chat) for chat in chats]
+        prompts = [self.lm.prompt(chat) for chat in chats]
+        texts = [p.text for p in prompts]
         if not guarded:
             return self._unguarded(texts, sampling)
         if self.calibration is None:
             raise ValueError("guarded generation needs a calibration")
         gate = self.calibration.gate
         started = time.perf_counter()
-        recorder = Recorder(gate.layers)
-        with recorder.applied(self.lm.model):
+        pooler = Pooler(gate.layers)
+        pooler.weights = read_weights(prompts, gate.reads, max(len(p.ids) for p in prompts))
+        with pooler.applied(self.lm.model):
             state = prefill(self.lm, texts)
-        scores = gate.scores(torch.stack([recorder.states[i] for i in gate.layers], dim=1)).cpu()
+        scores = gate.scores(pooler.stacked(gate.layers)).cpu()
         fired = gate.fires(scores)
         prefilled = time.perf_counter()
         plain = decode(self.lm, state, sampling, skip=fired.to(state.next_logits.device))

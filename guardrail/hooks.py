@@ -80,51 +80,78 @@ class Steering:
 
     @contextmanager
     def applied(self, model: nn.Module) -> Iterator[Steering]:
-        layers = decoder_layers(model)
-        handles = [layers[i].register_forward_hook(self._hook(i)) for i in self.vectors]
-        try:
+        with _hooked(model, list(self.vectors), self._hook):
             yield self
-        finally:
-            for handle in handles:
-                handle.remove()
+
+
+@contextmanager
+def _hooked(model: nn.Module, layers: Sequence[int], make: Any) -> Iterator[None]:
+    """Register `make(layer)` as a forward hook on each layer; remove them all on exit."""
+    modules = decoder_layers(model)
+    for i in layers:
+        if not 0 <= i < len(modules):
+            raise ValueError(f"layer {i} out of range: the model has {len(modules)} layers")
+    handles = [modules[i].register_forward_hook(make(i)) for i in layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class Recorder:
-    """Keep the hidden state of the last position at chosen layers, one tensor per forward pass.
-
-    The last position of a left-padded prompt is its last real token, which is what the gate
-    and the safety-related vectors read. `offsets[row]` reads that many positions earlier
-    (a prompt followed by a response prefix); `all_positions=True` keeps every position.
-    """
+    """Keep the hidden state of the last position (or, with `all_positions`, of every position)
+    at chosen layers, one tensor per forward pass."""
 
     def __init__(self, layers: Sequence[int], *, all_positions: bool = False) -> None:
         self.layers = list(layers)
         self.all_positions = all_positions
-        self.offsets: torch.Tensor | None = None
         self.states: dict[int, torch.Tensor] = {}
 
     def _hook(self, layer: int) -> Any:
         def hook(_module: nn.Module, _args: Any, output: Any) -> None:
             hidden = _hidden(output).detach()
-            if self.all_positions:
-                self.states[layer] = hidden
-            elif self.offsets is not None:
-                rows = torch.arange(hidden.shape[0], device=hidden.device)
-                self.states[layer] = hidden[rows, -1 - self.offsets.to(hidden.device)]
-            else:
-                self.states[layer] = hidden[:, -1, :]
+            self.states[layer] = hidden if self.all_positions else hidden[:, -1, :]
 
         return hook
 
     @contextmanager
     def applied(self, model: nn.Module) -> Iterator[Recorder]:
-        layers = decoder_layers(model)
-        for i in self.layers:
-            if not 0 <= i < len(layers):
-                raise ValueError(f"layer {i} out of range: the model has {len(layers)} layers")
-        handles = [layers[i].register_forward_hook(self._hook(i)) for i in self.layers]
-        try:
+        with _hooked(model, self.layers, self._hook):
             yield self
-        finally:
-            for handle in handles:
-                handle.remove()
+
+
+class Pooler:
+    """Weighted sums of each row's hidden states over positions, at chosen layers.
+
+    `weights[read]` is [rows, positions] for the coming pass: a one-hot row reads one token
+    (the last, or the last of the user's message), a uniform one averages a span. Several
+    reads come out of one pass, each row from its own positions only, so rows are
+    independent of what they are batched with. `states[read][layer]` is [rows, hidden].
+    """
+
+    def __init__(self, layers: Sequence[int]) -> None:
+        self.layers = list(layers)
+        self.weights: dict[str, torch.Tensor] = {}
+        self.states: dict[str, dict[int, torch.Tensor]] = {}
+
+    def _hook(self, layer: int) -> Any:
+        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+            hidden = _hidden(output).detach()
+            for read, weight in self.weights.items():
+                pooled = torch.einsum("rs,rsh->rh", weight.to(hidden), hidden)
+                self.states.setdefault(read, {})[layer] = pooled
+
+        return hook
+
+    def stacked(self, layers: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Per read, the states of the last pass at `layers`: [rows, len(layers), hidden]."""
+        return {
+            read: torch.stack([by_layer[i] for i in layers], dim=1)
+            for read, by_layer in self.states.items()
+        }
+
+    @contextmanager
+    def applied(self, model: nn.Module) -> Iterator[Pooler]:
+        with _hooked(model, self.layers, self._hook):
+            yield self

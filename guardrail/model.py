@@ -25,6 +25,24 @@ Chat = Sequence[Message]
 EMBEDDED_DEFAULT = "embedded:smollm2-135m-instruct"
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """A rendered prompt: its text and ids, the token span [start, end) of the last user
+    message, and `end`, the number of tokens before any response prefix."""
+
+    text: str
+    ids: list[int]
+    user: tuple[int, int]
+    end: int
+
+
+def last_user_message(chat: Chat | str) -> str:
+    """The content of the last user turn ('' when there is none)."""
+    if isinstance(chat, str):
+        return chat
+    return next((m.get("content", "") for m in reversed(chat) if m.get("role") == "user"), "")
+
+
 @dataclass
 class LanguageModel:
     """A loaded causal LM, its tokenizer and a fingerprint that keys calibration artifacts."""
@@ -65,6 +83,31 @@ class LanguageModel:
             turns = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
             text = "\n".join(turns) + "\nAssistant:"
         return str(text) + response_prefix
+
+    def prompt(self, chat: Chat | str, response_prefix: str = "") -> Prompt:
+        """The rendered prompt with its token ids and where the last user message sits in them,
+        so a read-out can pool over the request itself rather than the template around it."""
+        text = self.format_chat(chat)
+        content = last_user_message(chat).strip()
+        start = text.rfind(content) if content else -1
+        encoded = self.tokenizer(
+            text + response_prefix,
+            add_special_tokens=False,
+            return_offsets_mapping=bool(self.tokenizer.is_fast),
+        )
+        ids = list(encoded["input_ids"])
+        end = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        span = (max(end - 1, 0), max(end, 1))  # unknown: the last prompt token alone
+        if start >= 0 and "offset_mapping" in encoded:
+            stop = start + len(content)
+            inside = [
+                i
+                for i, (a, b) in enumerate(encoded["offset_mapping"][:end])
+                if a < stop and b > start
+            ]
+            if inside:
+                span = (inside[0], inside[-1] + 1)
+        return Prompt(text + response_prefix, ids, span, end)
 
     def encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Tokenize a left-padded batch on the model's device."""

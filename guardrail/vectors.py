@@ -17,9 +17,10 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from guardrail.gate import Gate, read_weights
 from guardrail.generate import repeat_cache
-from guardrail.hooks import Recorder, decoder_layers
-from guardrail.model import LanguageModel
+from guardrail.hooks import Pooler, Recorder, decoder_layers
+from guardrail.model import Chat, LanguageModel, Prompt
 
 # Response prefixes written for this project; paired round-robin with harmful prompts.
 REFUSAL_PREFIXES = (
@@ -58,7 +59,12 @@ def shared_prefix(ids: Sequence[Sequence[int]]) -> int:
     return max(limit, 0)
 
 
-@torch.inference_mode()
+def text_prompt(lm: LanguageModel, text: str) -> Prompt:
+    """An already-rendered prompt whose user span is unknown: every read is its last token."""
+    ids = list(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
+    return Prompt(text, ids, (len(ids) - 1, len(ids)), len(ids))
+
+
 def last_token_states(
     lm: LanguageModel,
     texts: Sequence[str],
@@ -67,24 +73,40 @@ def last_token_states(
     batch_size: int = 32,
     desc: str | None = None,
 ) -> torch.Tensor:
-    """Hidden state of each text's last token at `layers` (default: every layer, else in the
-    order given): [texts, layers, hidden], in input order.
+    """Hidden state of each rendered text's last token at `layers` (default: every layer):
+    [texts, layers, hidden], in input order (see `read_states`)."""
+    prompts = [text_prompt(lm, t) for t in texts]
+    return read_states(lm, prompts, layers=layers, batch_size=batch_size, desc=desc)["last"]
+
+
+@torch.inference_mode()
+def read_states(
+    lm: LanguageModel,
+    prompts: Sequence[Prompt],
+    *,
+    reads: Sequence[str] = ("last",),
+    layers: Sequence[int] | None = None,
+    batch_size: int = 32,
+    desc: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per read (see `gate.READS`), each prompt's pooled hidden state at `layers` (default:
+    every layer, else in the order given): [prompts, layers, hidden], in input order.
 
     Reading is cheaper than a full pass on three counts, with the same states up to
-    floating-point summation order: texts are batched by length (less padding), the prefix
-    all texts share (the system turn of a chat template: half of a short prompt's tokens) is
-    run once and its KV cache reused by every batch, and the pass stops after the last layer
-    asked for (a gate reading layers 0-16 of 30 skips the rest).
+    floating-point summation order: prompts are batched by length (less padding), the prefix
+    all prompts share (the system turn of a chat template: half of a short prompt's tokens)
+    is run once and its KV cache reused by every batch, and the pass stops after the last
+    layer asked for (a gate reading layers 0-16 of 30 skips the rest).
     """
     wanted = list(range(num_layers(lm))) if layers is None else list(layers)
     if not wanted:
-        raise ValueError("last_token_states needs at least one layer")
-    recorder = Recorder(sorted(set(wanted)))
-    ids = [lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        raise ValueError("read_states needs at least one layer")
+    pooler = Pooler(sorted(set(wanted)))
+    ids = [p.ids for p in prompts]
     shared = shared_prefix(ids)
     pad = int(lm.tokenizer.pad_token_id)
-    order = sorted(range(len(texts)), key=lambda i: len(ids[i]))
-    out = torch.empty(len(texts), len(wanted), lm.hidden_size)
+    order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
+    out = {read: torch.empty(len(prompts), len(wanted), lm.hidden_size) for read in reads}
 
     def stop(_module: nn.Module, _args: Any, _output: Any) -> None:
         raise _Enough
@@ -100,13 +122,14 @@ def last_token_states(
                 logits_to_keep=1,
             )
 
-    with recorder.applied(lm.model):
+    with pooler.applied(lm.model):
         last = decoder_layers(lm.model)[max(wanted)].register_forward_hook(stop)
         try:
             prefix = DynamicCache(config=lm.model.config)
             if shared:
+                pooler.weights = {}
                 run([ids[0][:shared]], torch.ones(1, shared, dtype=torch.long), prefix)
-            for start in tqdm(range(0, len(texts), batch_size), desc=desc, disable=desc is None):
+            for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None):
                 rows = order[start : start + batch_size]
                 tails = [ids[i][shared:] for i in rows]
                 width = max(map(len, tails))
@@ -114,11 +137,22 @@ def last_token_states(
                     [[1] * shared + [0] * (width - len(t)) + [1] * len(t) for t in tails]
                 )
                 padded = [[pad] * (width - len(t)) + t for t in tails]
+                pooler.weights = read_weights([prompts[i] for i in rows], reads, width, shared)
                 run(padded, mask, repeat_cache(prefix, len(rows)))
-                out[rows] = torch.stack([recorder.states[i] for i in wanted], 1).float().cpu()
+                for read, states in pooler.stacked(wanted).items():
+                    out[read][rows] = states.float().cpu()
         finally:
             last.remove()
     return out
+
+
+def gate_scores(
+    lm: LanguageModel, gate: Gate, chats: Sequence[Chat | str], *, batch_size: int = 32
+) -> torch.Tensor:
+    """The gate's score of each prompt, read as the worker reads it: [prompts]."""
+    prompts = [lm.prompt(chat) for chat in chats]
+    states = read_states(lm, prompts, reads=gate.reads, layers=gate.layers, batch_size=batch_size)
+    return gate.scores(states)
 
 
 def safety_related_vectors(harmful: torch.Tensor, harmless: torch.Tensor) -> torch.Tensor:

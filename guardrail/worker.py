@@ -47,6 +47,7 @@ import torch
 from guardrail.calibration import Calibration, SteeringSetting
 from guardrail.engine import DEFAULT_REFUSAL, Answer, Decision, OnFire, resolve_action
 from guardrail.errors import GuardrailError, InputError, OverloadedError, ShutdownError
+from guardrail.gate import read_weights
 from guardrail.generate import (
     Prefilled,
     Sampling,
@@ -56,8 +57,8 @@ from guardrail.generate import (
     prefill,
     select_rows,
 )
-from guardrail.hooks import Recorder, Steering
-from guardrail.model import Chat, LanguageModel
+from guardrail.hooks import Pooler, Steering
+from guardrail.model import Chat, LanguageModel, Prompt
 from guardrail.search import Scorers, SearchResult, SearchSettings, search
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ class _Job:
     released_text: str = ""
     coefficient: float = 0.0
     steering: SteeringSetting | None = None
-    gate_offset: int = 0  # tokens of response prefix after the prompt's last token
+    rendered: Prompt | None = None  # the prompt's ids and the user message's span in them
     generator: torch.Generator | None = None
     decision: Decision | None = None
     admitted: float = 0.0
@@ -333,13 +334,11 @@ class LocalWorker:
         lm = self.lm
         fits = []
         for job in group:
-            job.prompt = lm.format_chat(job.request.chat)
+            job.rendered = lm.prompt(job.request.chat, job.request.response_prefix)
+            job.prompt = job.rendered.text
             job.query = _query(job.request.chat)
             job.admitted = started
-            n = len(lm.tokenizer(job.prompt).input_ids)
-            if job.request.response_prefix:
-                job.prompt += job.request.response_prefix
-                job.gate_offset = len(lm.tokenizer(job.prompt).input_ids) - n
+            n = job.rendered.end
             limit = job.request.max_input_tokens
             if limit is not None and n > limit:
                 self._fail(job, InputError(f"the prompt has {n} tokens; the limit is {limit}"))
@@ -352,17 +351,17 @@ class LocalWorker:
         if not group:
             return
         gate = self.calibration.gate if self.calibration else None
-        recorder = Recorder(gate.layers if gate else [])
-        if any(job.gate_offset for job in group):
-            recorder.offsets = torch.tensor([job.gate_offset for job in group])
-        with recorder.applied(lm.model):
+        pooler = Pooler(gate.layers if gate else [])
+        if gate is not None:
+            prompts = [job.rendered for job in group if job.rendered is not None]
+            pooler.weights = read_weights(prompts, gate.reads, max(len(p.ids) for p in prompts))
+        with pooler.applied(lm.model):
             state = prefill(lm, [job.prompt for job in group])
         scores: list[float | None] = [None] * len(group)
         thresholds: list[float | None] = [None] * len(group)
         fired = [False] * len(group)
         if gate is not None:
-            states = torch.stack([recorder.states[i] for i in gate.layers], dim=1)
-            values: list[float] = gate.scores(states).cpu().tolist()
+            values: list[float] = gate.scores(pooler.stacked(gate.layers)).cpu().tolist()
             limits = [
                 gate.threshold if job.request.gate_threshold is None else job.request.gate_threshold
                 for job in group

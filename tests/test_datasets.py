@@ -13,9 +13,32 @@ from guardrail.errors import InputError
 def test_shipped_sets_load() -> None:
     assert len(datasets.load_prompts(datasets.advbench())) == 520
     assert len(datasets.load_many(datasets.default_harmful())) == 1020
-    assert len(datasets.load_many(datasets.default_harmless())) == 2998
+    assert len(datasets.load_many(datasets.default_harmless())) == 3482
     templates = datasets.load_prompts(datasets.default_templates())
     assert templates and all(t.count("{prompt}") == 1 for t in templates)
+
+
+def test_held_out_wrapper_families_never_reach_calibration() -> None:
+    from guardrail.calibrate import CalibrationConfig, _templates
+
+    families = datasets.load_families(datasets.wrapper_families())
+    assert len(families) == 12 and set(datasets.HELD_OUT_FAMILIES) <= set(families)
+    held_out = {t for f in datasets.HELD_OUT_FAMILIES for t in families[f]}
+    used = set(_templates(CalibrationConfig()))
+    assert used and not used & held_out
+    assert set(datasets.load_templates(datasets.wrapper_families(), held_out=True)) == held_out
+    seen = {t for f, ts in families.items() if f not in datasets.HELD_OUT_FAMILIES for t in ts}
+    assert seen <= used
+
+
+def test_bad_template_file_is_named(tmp_path: Path) -> None:
+    bad = tmp_path / "w.jsonl"
+    bad.write_text('{"family": "x", "template": "no slot"}\n')
+    with pytest.raises(InputError, match=r"w.jsonl.*slot"):
+        datasets.load_templates(bad, held_out=False)
+    bad.write_text('{"family": "x"}\n')
+    with pytest.raises(InputError, match=r"w\.jsonl: line 1"):
+        datasets.load_templates(bad)
 
 
 def test_wrap_is_stable_and_keeps_the_request() -> None:

@@ -27,11 +27,10 @@ def held_out_harmful() -> list[str]:
 
 
 def _gate_fires(lm: Any, calibration: Any, prompts: list[str]) -> list[bool]:
-    from guardrail.vectors import last_token_states
+    from guardrail.vectors import gate_scores
 
     gate = calibration.gate
-    states = last_token_states(lm, [lm.format_chat(p) for p in prompts], layers=gate.layers)
-    return gate.fires(gate.scores(states)).tolist()  # type: ignore[no-any-return]
+    return gate.fires(gate_scores(lm, gate, prompts)).tolist()  # type: ignore[no-any-return]
 
 
 def test_gate_on_held_out_prompts(lm: Any, calibration: Any) -> None:
