@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +26,9 @@ BATCH_FORMAT = """\
 IN.jsonl: one JSON object per line with "id" and "prompt" (a string, or a list of
 {"role", "content"} messages); other fields are passed through unchanged.
 OUT.jsonl: the same objects, in the same order, plus "response" (string) and "guard"
-(the decision record: gate_score, threshold, fired, path, ...)."""
+(the decision record: gate_score, threshold, fired, path, ...).
+Each row is also appended to OUT.jsonl.partial as it finishes; OUT.jsonl appears only when
+every row is done. After an interruption, run again with --resume to answer only the rest."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -108,6 +110,11 @@ def _parser() -> argparse.ArgumentParser:
     batch.add_argument("input", metavar="IN.jsonl")
     batch.add_argument("--out", required=True, metavar="OUT.jsonl")
     batch.add_argument("--batch-size", type=int, default=16)
+    batch.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the rows already in OUT.jsonl.partial (an interrupted run) and answer the rest",
+    )
     generation(batch)
 
     calibrate = sub.add_parser("calibrate", help="calibrate the gate and steering for a model")
@@ -170,6 +177,7 @@ def read_requests(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise InputError(f"{path}: no such file")
     records = []
+    lines_of: dict[str, int] = {}  # id key -> line, for duplicate ids
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -199,10 +207,65 @@ def read_requests(path: str | Path) -> list[dict[str, Any]]:
                     f"{path}:{number}: field 'prompt' must be a non-empty string or a list of "
                     "{role, content} messages"
                 )
+            key = _id_key(record)
+            if key in lines_of:  # a resumed run finds its finished rows by id
+                raise InputError(
+                    f"{path}:{number}: field 'id': {key} is also the id on line {lines_of[key]}"
+                )
+            lines_of[key] = number
             records.append(record)
     if not records:
         raise InputError(f"{path}: no requests")
     return records
+
+
+def _id_key(record: dict[str, Any]) -> str:
+    """A row's id as a dict key: its JSON text, so 1, "1" and true stay apart."""
+    return json.dumps(record["id"], sort_keys=True)
+
+
+_ADDED = ("response", "guard")  # the fields a batch adds to each input row
+
+
+def read_partial(path: Path, records: Sequence[dict[str, Any]]) -> tuple[dict[str, str], int]:
+    """The rows an interrupted run finished (id key -> its line) and the bytes they take.
+
+    Only lines ending in a newline count: a crash can tear the last one, which is dropped.
+    A row that is not one of the input's, or repeats an id, means the partial file belongs to
+    another input: an error, never a guess.
+    """
+    inputs = {_id_key(r): r for r in records}
+    done: dict[str, str] = {}
+    size = 0
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.endswith(b"\n"):
+                break  # torn by a crash mid-write: answered again
+            try:
+                line = raw.decode("utf-8")
+                row = json.loads(line)
+            except ValueError as exc:  # not UTF-8, or not JSON
+                raise InputError(f"{path}:{number}: invalid JSON: {exc}") from exc
+            if not isinstance(row, dict) or "id" not in row:
+                raise InputError(f"{path}:{number}: missing field 'id'")
+            key = _id_key(row)
+            record = inputs.get(key)
+            if record is None:
+                raise InputError(
+                    f"{path}:{number}: field 'id': {key} is not in the input; "
+                    "delete the partial file to start over"
+                )
+            if key in done:
+                raise InputError(f"{path}:{number}: field 'id': {key} is answered twice")
+            changed = [k for k, v in record.items() if k not in _ADDED and row.get(k) != v]
+            if changed:
+                raise InputError(
+                    f"{path}:{number}: field {changed[0]!r} differs from the input's row {key}; "
+                    "delete the partial file to start over"
+                )
+            done[key] = line
+            size += len(raw)
+    return done, size
 
 
 def _write_atomically(path: Path, lines: Sequence[str]) -> None:
@@ -304,27 +367,35 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _answer_all(
-    guard: Any, prompts: Sequence[Any], options: dict[str, Any], quiet: bool
-) -> list[Any]:
-    """Submit every prompt at once (the worker batches them) and wait for all answers."""
+    guard: Any,
+    prompts: Sequence[Any],
+    options: dict[str, Any],
+    on_answer: Callable[[int, Any], None],
+    *,
+    done: int,
+    total: int,
+    quiet: bool,
+) -> None:
+    """Submit every prompt at once (the worker batches them); `on_answer(i, answer)` runs as
+    each one finishes, so an interrupted run keeps what it finished. The bar counts the `done`
+    rows of an earlier run too, its rate and time left only this run's."""
     import asyncio
 
     from tqdm.auto import tqdm
 
-    async def answer_all() -> list[Any]:
-        bar = tqdm(total=len(prompts), desc="answers", disable=quiet)
+    async def answer_all() -> None:
+        bar = tqdm(total=total, initial=done, desc="answers", unit="row", disable=quiet)
 
-        async def one(prompt: Any) -> Any:
-            answer = await guard.generate(prompt, **options)
+        async def one(i: int, prompt: Any) -> None:
+            on_answer(i, await guard.generate(prompt, **options))
             bar.update(1)
-            return answer
 
         try:
-            return list(await asyncio.gather(*(one(p) for p in prompts)))
+            await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
         finally:
             bar.close()
 
-    return asyncio.run(answer_all())
+    asyncio.run(answer_all())
 
 
 def _sampling(args: argparse.Namespace) -> Sampling:
@@ -342,31 +413,7 @@ def _sampling(args: argparse.Namespace) -> Sampling:
 def run(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "batch":
-        records = read_requests(args.input)  # validate before loading anything
-        if args.batch_size < 1:
-            raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
-        sampling = _sampling(args)
-        guard = _guard(args, sampling, max_batch=args.batch_size, queue=len(records))
-        # Submitted shortest first, so similar lengths share a batch (less padding); output
-        # keeps the input order.
-        order = sorted(range(len(records)), key=lambda i: len(json.dumps(records[i]["prompt"])))
-        try:
-            answers = _answer_all(
-                guard, [records[i]["prompt"] for i in order], _options(args), args.quiet
-            )
-        finally:
-            guard.close()
-        results: dict[int, Any] = dict(zip(order, answers, strict=True))
-        lines = [
-            json.dumps(
-                {**record, "response": results[i].text, "guard": results[i].decision.as_dict()}
-            )
-            + "\n"
-            for i, record in enumerate(records)
-        ]
-        _write_atomically(Path(args.out), lines)
-        fired = sum(results[i].decision.fired for i in results)
-        print(f"wrote {len(lines)} answers to {args.out} ({fired} fired the gate)", file=sys.stderr)
+        return _batch(args)
     elif args.command == "chat":
         sampling = _sampling(args)
         guard = _guard(args, sampling)
@@ -410,6 +457,73 @@ def run(argv: Sequence[str] | None = None) -> int:
         )
         report["cost_model_and_critic"] = safety.manifest.get("report")
         print(json.dumps(report, indent=2))
+    return 0
+
+
+def _batch(args: argparse.Namespace) -> int:
+    """Answer the input file; finished rows go to OUT.partial at once, OUT when all are done."""
+    records = read_requests(args.input)  # validate before loading anything
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    sampling = _sampling(args)
+    out = Path(args.out)
+    partial = out.with_name(out.name + ".partial")
+    done: dict[str, str] = {}
+    size = 0
+    if partial.is_file() and partial.stat().st_size:
+        if not args.resume:
+            raise InputError(
+                f"{partial}: rows of an interrupted run; pass --resume to keep them and answer "
+                "the rest, or delete the file to start over"
+            )
+        done, size = read_partial(partial, records)
+        if not args.quiet:
+            print(f"resuming: {len(done)} of {len(records)} rows in {partial}", file=sys.stderr)
+    # Submitted shortest first, so similar lengths share a batch (less padding); the output
+    # keeps the input order.
+    order = sorted(
+        (i for i, r in enumerate(records) if _id_key(r) not in done),
+        key=lambda i: len(json.dumps(records[i]["prompt"])),
+    )
+    if order:
+        guard = _guard(args, sampling, max_batch=args.batch_size, queue=len(order))
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with partial.open("a", encoding="utf-8") as sink:
+                sink.truncate(size)  # a torn last line, if any, goes
+
+                def finished(k: int, answer: Any) -> None:
+                    record = records[order[k]]
+                    row = {**record, "response": answer.text, "guard": answer.decision.as_dict()}
+                    line = json.dumps(row) + "\n"
+                    sink.write(line)
+                    sink.flush()
+                    done[_id_key(record)] = line
+
+                _answer_all(
+                    guard,
+                    [records[i]["prompt"] for i in order],
+                    _options(args),
+                    finished,
+                    done=len(done),
+                    total=len(records),
+                    quiet=args.quiet,
+                )
+        except BaseException as exc:
+            guard.close(drain=False)  # stop now: what finished is in the partial file
+            if isinstance(exc, KeyboardInterrupt):
+                print(
+                    f"interrupted: {len(done)} of {len(records)} rows kept in {partial}; "
+                    "run the same command with --resume to answer the rest",
+                    file=sys.stderr,
+                )
+            raise
+        guard.close()
+    lines = [done[_id_key(record)] for record in records]
+    _write_atomically(out, lines)
+    partial.unlink(missing_ok=True)
+    fired = sum(bool(json.loads(line)["guard"]["fired"]) for line in lines)
+    print(f"wrote {len(lines)} answers to {args.out} ({fired} fired the gate)", file=sys.stderr)
     return 0
 
 
