@@ -101,8 +101,8 @@ class Calibration:
             )
         try:
             return cls(
-                gate=_gate(m["gate"], t["gate.weight"]),
-                srv_gate=_gate(m["srv_gate"], t["srv_gate.weight"]),
+                gate=_gate(m["gate"], t["gate.weight"], t["srv_gate.weight"].numel()),
+                srv_gate=_gate(m["srv_gate"], t["srv_gate.weight"], t["srv_gate.weight"].numel()),
                 ssvs={k.removeprefix("ssv."): v for k, v in t.items() if k.startswith("ssv.")},
                 steering=SteeringSetting.from_dict(m["steering"]) if m["steering"] else None,
                 steering_meets_target=bool(m["steering_meets_target"]),
@@ -123,7 +123,7 @@ def _gate_fields(gate: Gate) -> dict[str, Any]:
     }
 
 
-def _gate(fields: dict[str, Any], weight: torch.Tensor) -> Gate:
+def _gate(fields: dict[str, Any], weight: torch.Tensor, hidden: int) -> Gate:
     gate = Gate(
         layers=tuple(fields["layers"]),
         weight=weight,
@@ -134,9 +134,9 @@ def _gate(fields: dict[str, Any], weight: torch.Tensor) -> Gate:
     )
     if unknown := set(gate.reads) - set(READS):
         raise CalibrationError(f"gate reads {sorted(unknown)} unknown; known: {list(READS)}")
-    if weight.dim() != 1 or weight.numel() % (len(gate.reads) * len(gate.layers)):
+    if weight.shape != (len(gate.reads) * len(gate.layers) * hidden,):
         raise CalibrationError(
             f"gate weight of shape {tuple(weight.shape)} does not fit {len(gate.reads)} reads"
-            f" x {len(gate.layers)} layers"
+            f" x {len(gate.layers)} layers x hidden size {hidden}"
         )
     return gate

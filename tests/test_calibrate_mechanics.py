@@ -68,8 +68,11 @@ def test_calibration_records_every_source_and_round_trips(tiny_llama: Any, tmp_p
     assert result.manifest["data"]["harmful"]["hash"] and result.manifest["steering_search"]
     assert {row["source"] for row in result.manifest["steering_search"]} == set(result.ssvs)
 
+    searched = {tuple(row["reads"]) for row in result.manifest["gate_search"]["probe"]}
+    assert searched == {tuple(r) for r in config.gate_reads}
     restored = Calibration.from_artifacts(result.to_artifacts())
     assert restored.gate.layers == result.gate.layers
+    assert restored.gate.reads == result.gate.reads
     assert restored.gate.threshold == result.gate.threshold
     torch.testing.assert_close(restored.gate.weight, result.gate.weight)
     assert restored.steering == result.steering
@@ -111,3 +114,17 @@ def test_too_little_data_is_a_clear_error(tiny_llama: Any, tmp_path: Path) -> No
     config.harmful = [str(tmp_path / "few.txt")]
     with pytest.raises(CalibrationError, match="too few harmful prompts"):
         calibrate(tiny_llama, config, progress=False)
+
+
+def test_artifacts_with_an_unknown_read_are_rejected(tiny_llama: Any, tmp_path: Path) -> None:
+    from guardrail.errors import CalibrationError
+
+    config = _config(tmp_path, gate_reads=(("last", "mean"),), strength_fractions=(0.25,))
+    artifacts = calibrate(tiny_llama, config, progress=False).to_artifacts()
+    assert artifacts.manifest["gate"]["reads"] == ["last", "mean"]
+    artifacts.manifest["gate"]["reads"] = ["last", "middle"]
+    with pytest.raises(CalibrationError, match="middle"):
+        Calibration.from_artifacts(artifacts)
+    artifacts.manifest["gate"]["reads"] = ["last"]  # the weight holds two reads
+    with pytest.raises(CalibrationError, match="does not fit"):
+        Calibration.from_artifacts(artifacts)

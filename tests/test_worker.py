@@ -24,7 +24,7 @@ from guardrail.gate import Gate
 from guardrail.generate import Sampling
 from guardrail.guard import Guard, TenantPolicy
 from guardrail.search import Scorers, SearchSettings
-from guardrail.vectors import last_token_states, num_layers
+from guardrail.vectors import gate_scores, num_layers
 from guardrail.worker import LocalWorker, Request
 
 PROMPTS = [
@@ -45,15 +45,15 @@ class LengthReward:
         return [len(r) / 100 for r in responses]
 
 
-def hand_calibration(lm: Any, fire: int = 2) -> Calibration:
+def hand_calibration(lm: Any, fire: int = 2, reads: tuple[str, ...] = ("last",)) -> Calibration:
     """A gate along a fixed direction whose threshold lets the `fire` top-scoring prompts fire."""
     hidden = lm.hidden_size
     direction = torch.randn(hidden, generator=torch.Generator().manual_seed(1))
     direction = direction / direction.norm()
-    states = last_token_states(lm, [lm.format_chat(p) for p in PROMPTS])[:, 1]
-    scores = (states.float() @ direction).sort(descending=True).values
-    threshold = float(scores[fire - 1] + scores[fire]) / 2
-    gate = Gate(layers=(1,), weight=direction, bias=0.0, threshold=threshold)
+    gate = Gate(layers=(1,), weight=direction.repeat(len(reads)), bias=0.0, threshold=0.0)
+    gate.reads = reads
+    scores = gate_scores(lm, gate, PROMPTS).sort(descending=True).values
+    gate.threshold = float(scores[fire - 1] + scores[fire]) / 2
     ssvs = {"srv": direction.repeat(num_layers(lm), 1)}
     return Calibration(
         gate=gate,
@@ -108,10 +108,12 @@ def _collect(worker: LocalWorker, requests: list[Request]) -> list[Any]:
     return results
 
 
-def test_batch_invariance(tiny_lm: Any) -> None:
+@pytest.mark.parametrize("reads", [("last",), ("last", "inst", "mean")])
+def test_batch_invariance(tiny_lm: Any, reads: tuple[str, ...]) -> None:
     """Greedy: each answer in a mixed batch (steered and plain rows, different lengths and
-    budgets, rows leaving and joining) equals the answer to the same request run alone."""
-    calibration = hand_calibration(tiny_lm)
+    budgets, rows leaving and joining) equals the answer to the same request run alone, with
+    the gate reading one position or pooling several."""
+    calibration = hand_calibration(tiny_lm, reads=reads)
     lengths = [12, 5, 16, 9, 14, 3]
     requests = [
         Request(p, Sampling(max_new_tokens=n), on_fire="steer")
