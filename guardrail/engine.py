@@ -1,6 +1,6 @@
 """Guarded generation: gate in the prefill, steer or refuse the rows that fire.
 
-One prefill serves everyone: the gate reads the last prompt token at the gate layer during
+One prefill serves everyone: the gate pools its reads of the prompt at the gate layers during
 the pass every request needs anyway, so benign rows pay for no extra forward pass and decode
 exactly as they would unguarded. Rows that fire are answered by the configured action:
 steered generation (a second prefill for those rows only, with steering at every position)
