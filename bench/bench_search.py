@@ -216,7 +216,10 @@ def benign_search_rate(lm: Any, calibration: Any, n: int, tokens: int) -> None:
     guard = Guard(lm, calibration, max_batch=16, max_queue=n + 1)
 
     async def all_answers() -> list[Any]:
-        return await asyncio.gather(*(guard.generate(p, max_new_tokens=tokens) for p in prompts))
+        # All n are queued at once: no deadline, so that the last ones measure the paths the
+        # default policy takes, not the 120 s deadline spent waiting in the queue.
+        answers = (guard.generate(p, max_new_tokens=tokens, timeout=None) for p in prompts)
+        return await asyncio.gather(*answers)
 
     answers = asyncio.run(all_answers())
     guard.close()

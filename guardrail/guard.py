@@ -9,8 +9,11 @@
 The event loop never waits on the model: requests go to a `Worker` (a thread owning the model)
 and come back through `loop.call_soon_threadsafe`. The sync twins (`generate_sync`,
 `stream_sync`) use the same worker through thread-safe queues, so a script and an async
-service share one code path. Deadlines fail closed: when one passes, the answer is the
-tenant's refusal text with path "timeout", never unguarded text.
+service share one code path; they also work inside a running event loop (a notebook cell),
+blocking it until the answer is done. Deadlines fail closed: when one passes, the answer is
+the tenant's refusal text with path "timeout", never unguarded text. Internal errors follow
+the tenant's `fail_mode` at every entry point: `refuse` answers with the refusal text (a
+stream ends with it), `error` raises.
 """
 
 from __future__ import annotations
@@ -19,11 +22,11 @@ import asyncio
 import contextlib
 import queue
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import CancelledError
+from collections.abc import Coroutine, Iterator, Mapping, Sequence
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from asyncio_throttle.throttler import Throttler
 
@@ -32,13 +35,15 @@ from guardrail.engine import DEFAULT_REFUSAL, Answer, Decision, OnFire
 from guardrail.errors import CalibrationError, InputError, OverloadedError, ShutdownError
 from guardrail.generate import Sampling
 from guardrail.model import LanguageModel, Message
-from guardrail.policy import Policy, PolicyError, Problem
+from guardrail.policy import Policy, PolicyError, Problem, default_policy
 from guardrail.scoring import DEFAULT_BUDGET
 from guardrail.search import SearchSettings
 from guardrail.tenants import PolicyStore, UnknownTenantError
 from guardrail.worker import LocalWorker, Request, Ticket, Worker
 
 GuardResult = Answer  # `.text` and `.decision` (the decision record)
+
+T = TypeVar("T")
 
 # Slack the worker gets past a deadline to answer "timeout" itself (it notices between
 # decode steps) before the Guard answers on its behalf.
@@ -61,7 +66,11 @@ _OVERRIDES = frozenset(
 
 @dataclass(frozen=True)
 class TenantPolicy:
-    """What one tenant gets at run time: the `Policy` file's fields the Guard applies."""
+    """What one tenant gets at run time: the `Policy` file's fields the Guard applies.
+
+    The field defaults here are for tenants built in code and set no deadline or input limit;
+    the shipped `policies/default.yaml` (what `Guard()` applies) is `TenantPolicy.default()`.
+    """
 
     on_fire: OnFire = "auto"
     refusal_text: str = DEFAULT_REFUSAL
@@ -113,6 +122,11 @@ class TenantPolicy:
             if policy.search.enabled
             else None,
         )
+
+    @classmethod
+    def default(cls) -> TenantPolicy:
+        """The shipped default policy file (`guardrail.policies/default.yaml`), as documented."""
+        return cls.from_policy(default_policy())
 
     def throttler(self) -> Throttler | None:
         """`burst` requests per `burst / requests_per_second` seconds: that rate on average."""
@@ -221,7 +235,8 @@ class GuardStream:
         if kind == "done":
             self.result = value
             raise StopAsyncIteration
-        raise _error(value)
+        self.result = self._guard._failed(self._request, value)  # or raises
+        return self.result.text
 
     def _cancel(self) -> None:
         self._closed = True
@@ -259,7 +274,8 @@ class Guard:
         """With no arguments: the embedded default model and its (stored or new) calibration.
 
         `policies`: a folder of tenant policy files (or a `PolicyStore` over one, reloaded on
-        change), or tenant policies in code; default: the shipped `default` policy only.
+        change), or tenant policies in code; default: the shipped `default` policy only
+        (`policies/default.yaml`: 120 s deadline, 4096 input tokens, 256 new tokens).
         `redis_url` (default: `GUARDRAIL_REDIS_URL`): where calibration artifacts and cost
         scores are shared. `worker_options` go to `LocalWorker` (max_batch, max_wait,
         max_queue, chunk_tokens, scorers, join); without `scorers` the calibrated cost model,
@@ -285,7 +301,7 @@ class Guard:
         self.store = policies if isinstance(policies, PolicyStore) else None
         self.policies: dict[str, TenantPolicy] = {}
         if not isinstance(policies, PolicyStore):
-            self.policies = dict(policies or {"default": TenantPolicy()})
+            self.policies = dict(policies or {"default": TenantPolicy.default()})
         self._throttlers: dict[str, tuple[TenantPolicy, Throttler | None]] = {}
         self._refusal_costs: dict[str, float] = {}
 
@@ -436,8 +452,15 @@ class Guard:
             ticket.cancel()
             raise
 
+    def _admit_sync(self, request: Request) -> bool:
+        """`_admit` for the sync twins; no event loop at all for a tenant without a limit."""
+        if self._throttler(request.tenant) is None:
+            return True
+        return _run_sync(self._admit(request))
+
     def _failed(self, request: Request, error: BaseException) -> Answer:
-        """An internal error: the refusal text under `fail_mode: refuse`, else raise it."""
+        """An internal error: the refusal text under `fail_mode: refuse`, else raise it.
+        Every entry point (generate, streams, the sync twins) ends up here, so they agree."""
         if isinstance(error, (InputError, OverloadedError, ShutdownError, CancelledError)):
             raise _error(error)
         if self.policy(request.tenant).fail_mode == "error":
@@ -450,7 +473,8 @@ class Guard:
         return GuardStream(self, request, _timeout_at(request))
 
     def generate_sync(self, messages: Any, tenant: str = "default", **overrides: Any) -> Answer:
-        """`generate` for scripts: blocks this thread, not an event loop."""
+        """`generate` for scripts: blocks the calling thread. Inside a running event loop (a
+        notebook cell, a sync callback) it works too, but blocks that loop meanwhile."""
         for _ in (stream := self.stream_sync(messages, tenant, **overrides)):
             pass
         assert stream.result is not None
@@ -492,7 +516,7 @@ class SyncGuardStream:
         self.result: Answer | None = None
 
     def __iter__(self) -> Iterator[str]:
-        if not asyncio.run(self._guard._admit(self._request)):  # the tenant's rate limit
+        if not self._guard._admit_sync(self._request):  # the tenant's rate limit
             self.result = _timeout_answer(self._request)
             yield self.result.text
             return
@@ -514,10 +538,23 @@ class SyncGuardStream:
                     self.result = value
                     return
                 else:
-                    raise _error(value)
+                    self.result = self._guard._failed(self._request, value)  # or raises
+                    yield self.result.text
+                    return
         finally:
             if self.result is None:
                 ticket.cancel()
+
+
+def _run_sync(coroutine: Coroutine[Any, Any, T]) -> T:
+    """`asyncio.run`, also from inside a running event loop, where asyncio.run refuses: the
+    coroutine then runs on a private loop in a helper thread while this thread waits."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    with ThreadPoolExecutor(1, thread_name_prefix="guardrail-sync") as pool:
+        return pool.submit(asyncio.run, coroutine).result()
 
 
 def _timeout_at(request: Request) -> float | None:

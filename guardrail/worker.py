@@ -29,14 +29,20 @@ that receives released text chunks and the final `Answer`, get a `Ticket` to can
    checked too; one over budget is replaced by an empty answer.
 
 A broken cost model fails closed for the rows it was scoring, never for the batch.
+
+Workers still running at interpreter exit are closed (not draining) and joined by an
+`atexit` hook: a daemon thread left inside torch while the interpreter finalizes can abort
+the process ("terminate called without an active exception", exit status 134).
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Generator
 from concurrent.futures import CancelledError
 from dataclasses import dataclass, field, replace
@@ -62,6 +68,9 @@ from guardrail.model import Chat, LanguageModel, Prompt
 from guardrail.search import Scorers, SearchResult, SearchSettings, search
 
 log = logging.getLogger(__name__)
+
+# Seconds each worker gets at interpreter exit to leave its current step.
+_EXIT_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -206,6 +215,7 @@ class LocalWorker:
         self._calibrated_steering = calibration.steering if calibration else None
         self._vectors: dict[SteeringSetting, dict[int, torch.Tensor]] = {}
         self._thread = threading.Thread(target=self._run, name="guardrail-worker", daemon=True)
+        _LIVE_WORKERS.add(self)
         if start:
             self.start()
 
@@ -728,6 +738,21 @@ class LocalWorker:
             self._fail(job, error)
         self._jobs, self._state, self._searches = [], None, []
         self._fail_queued(error)
+
+
+_LIVE_WORKERS: weakref.WeakSet[LocalWorker] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_workers() -> None:
+    """Stop every worker thread before the interpreter finalizes (see the module docstring).
+    The thread is a daemon so that exit never waits on a forgotten `close()`; this makes that
+    exit clean. Weak references: a worker nobody holds is never kept alive by this hook."""
+    for worker in list(_LIVE_WORKERS):
+        try:
+            worker.close(drain=False, timeout=_EXIT_TIMEOUT_S)
+        except Exception:
+            log.exception("a guard worker did not stop at interpreter exit")
 
 
 def _query(chat: Chat | str) -> str:

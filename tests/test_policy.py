@@ -299,3 +299,21 @@ def test_tenant_steering_applies_per_row_in_a_mixed_batch(tiny_llama: Any, tmp_p
             guard.request("hi", tenant="broken")
     finally:
         guard.close()
+
+
+def test_guard_without_policies_applies_the_shipped_default(tiny_llama: Any) -> None:
+    """What the docs promise for `Guard()`: policies/default.yaml, found as package data."""
+    from guardrail.policy import default_policy_file
+
+    assert default_policy_file().name == "default.yaml" and default_policy_file().is_file()
+    guard = Guard(worker=LocalWorker(tiny_llama, hand_calibration(tiny_llama), start=False))
+    try:
+        policy = guard.policy("default")
+        assert policy == TenantPolicy.from_policy(load_policy(default_policy_file()))
+        assert (policy.timeout, policy.max_input_tokens) == (120.0, 4096)
+        assert policy.sampling.max_new_tokens == 256
+        request = guard.request("Hi")
+        assert request.deadline is not None and request.max_input_tokens == 4096
+        assert request.sampling.max_new_tokens == 256
+    finally:
+        guard.close(drain=False)

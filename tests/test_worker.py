@@ -8,8 +8,11 @@ set between the scores of the test prompts so that some of them fire.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -447,3 +450,130 @@ def test_response_prefix_keeps_the_gate_on_the_prompt(llama: Any, llama_cal: Cal
         assert prefixed.decision.gate_score == pytest.approx(plain.decision.gate_score, abs=1e-4)
         assert prefixed.decision.fired == plain.decision.fired
         assert prefixed.decision.prompt_tokens > plain.decision.prompt_tokens
+
+
+def test_sync_twins_work_inside_a_running_event_loop(llama: Any, llama_cal: Calibration) -> None:
+    """A notebook cell or a sync callback in an async service: a loop is already running."""
+    limited = TenantPolicy(requests_per_second=50, burst=2)  # its admission is a coroutine
+    guard = Guard(
+        worker=LocalWorker(llama, llama_cal), policies={"default": TenantPolicy(), "rl": limited}
+    )
+    try:
+        expected = guard.generate_sync(PROMPTS[1], max_new_tokens=6).text
+
+        async def in_loop() -> list[str]:
+            return [
+                guard.generate_sync(PROMPTS[1], max_new_tokens=6).text,
+                guard.generate_sync(PROMPTS[1], tenant="rl", max_new_tokens=6).text,
+                "".join(guard.stream_sync(PROMPTS[1], tenant="rl", max_new_tokens=6)).strip(),
+                (await guard.generate(PROMPTS[1], max_new_tokens=6)).text,  # the loop still works
+            ]
+
+        assert asyncio.run(in_loop()) == [expected] * 4
+    finally:
+        guard.close()
+
+
+class FailsAt(LocalWorker):
+    """A real worker on a real (tiny) model whose decode step fails once a row has
+    `fail_at` tokens: an internal error mid-answer, after some chunks were released."""
+
+    fail_at = 5
+
+    def _step(self) -> None:
+        if any(len(job.tokens) >= self.fail_at for job in self._jobs):
+            raise RuntimeError("injected step failure")
+        super()._step()
+
+
+def test_fail_mode_is_honoured_by_every_entry_point(llama: Any, llama_cal: Calibration) -> None:
+    """`refuse`: the refusal text (a stream ends with it); `error`: the error is raised. In
+    both, nothing but chunks that passed the cost check reaches the caller."""
+    from guardrail.errors import GuardrailError
+
+    cost = ScriptedCost()
+    worker = FailsAt(llama, llama_cal, chunk_tokens=2, scorers=Scorers(cost))
+    common = {"refusal_text": REFUSAL, "gate_threshold": 1e9}
+    guard = Guard(
+        worker=worker,
+        policies={
+            "refuse": TenantPolicy(fail_mode="refuse", **common),  # type: ignore[arg-type]
+            "error": TenantPolicy(fail_mode="error", **common),  # type: ignore[arg-type]
+        },
+    )
+    prompt, options = PROMPTS[2], {"max_new_tokens": 40}
+
+    async def astream(tenant: str, chunks: list[str]) -> Any:
+        stream = guard.stream(prompt, tenant=tenant, **options)
+        async for chunk in stream:
+            chunks.append(chunk)
+        return stream.result
+
+    def stream_sync(tenant: str, chunks: list[str]) -> Any:
+        stream = guard.stream_sync(prompt, tenant=tenant, **options)
+        for chunk in stream:
+            chunks.append(chunk)
+        return stream.result
+
+    entry_points = {
+        "generate": lambda t, _: asyncio.run(guard.generate(prompt, tenant=t, **options)),
+        "stream": lambda t, chunks: asyncio.run(astream(t, chunks)),
+        "generate_sync": lambda t, _: guard.generate_sync(prompt, tenant=t, **options),
+        "stream_sync": stream_sync,
+    }
+    scored = lambda: {text for call in cost.calls for text in call}  # noqa: E731
+    try:
+        for name, call in entry_points.items():
+            chunks: list[str] = []
+            answer = call("refuse", chunks)
+            assert answer.text == REFUSAL, name
+            assert answer.decision.path == "refused", name
+            assert answer.decision.reason.startswith("error: generation failed"), name
+            if name.startswith("stream"):
+                assert chunks[-1] == REFUSAL and len(chunks) >= 2, (name, chunks)
+                assert "".join(chunks[:-1]) in scored(), name  # only checked text came first
+
+            chunks = []
+            with pytest.raises(GuardrailError, match="injected step failure"):
+                call("error", chunks)
+            assert REFUSAL not in chunks, name
+            if chunks:
+                assert "".join(chunks) in scored(), name
+    finally:
+        guard.close()
+    assert worker.stats.failed == 2 * len(entry_points)
+
+
+BUSY_EXIT_SCRIPT = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from conftest import _tiny
+from test_worker import hand_calibration
+from guardrail import Guard
+
+class Sink:
+    def chunk(self, text): pass
+    def done(self, answer): pass
+    def fail(self, error): pass
+
+lm = _tiny("llama")
+guard = Guard(lm, hand_calibration(lm), scorers=None)
+for _ in range(4):
+    guard.worker.submit(guard.request("Tell me a long story", max_new_tokens=100_000), Sink())
+while guard.worker.stats.steps < 20:
+    time.sleep(0.01)
+print("exiting mid-answer")  # no close(): the worker thread is decoding as the script ends
+"""
+
+
+def test_interpreter_exit_is_clean_with_the_worker_mid_answer(tmp_path: Path) -> None:
+    """A daemon worker thread still freeing tensors while the interpreter finalizes used to
+    abort the process (status 134, "terminate called without an active exception"; 5 of 5
+    runs of this script before the fix); the exit hook stops and joins it first."""
+    script = tmp_path / "busy_exit.py"
+    script.write_text(BUSY_EXIT_SCRIPT.format(tests=str(Path(__file__).parent)))
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert "exiting mid-answer" in result.stdout and "terminate called" not in result.stderr
