@@ -74,8 +74,14 @@ class _Counting:
 
 @pytest.mark.slow
 def test_interrupted_run_resumed_equals_uninterrupted(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    request: pytest.FixtureRequest,
 ) -> None:
+    # Ctrl-C reaches a foreground process; a job started with `&` inherits SIGINT ignored.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     source = _write(tmp_path / "in.jsonl", ROWS)
     counting = _Counting(monkeypatch)
 
