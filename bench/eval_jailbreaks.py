@@ -38,7 +38,7 @@ def build(per_set: int, seed: int) -> list[dict[str, str]]:
     rng = random.Random(seed)
     families = datasets.load_families(datasets.wrapper_families())
     harmful = {"advbench/test": advbench_test(), "malicious_instruct": malicious_instruct()}
-    borderline = datasets.take_split(datasets.load_prompts(datasets.default_harmless()[-1]), "test")
+    borderline = datasets.take_split(datasets.load_prompts(datasets.borderline_benign()), "test")
     benign = {
         "alpaca/test": alpaca_test(per_set * 4, seed=seed),
         "borderline/test": borderline,

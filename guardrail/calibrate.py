@@ -46,17 +46,14 @@ class CalibrationConfig:
         default_factory=lambda: [str(p) for p in datasets.default_harmless()]
     )
     # Share of prompts also seen inside a jailbreak-style wrapper (see `calibrate`).
-    templates: list[str] = field(
-        default_factory=lambda: [
-            str(datasets.default_templates()),
-            str(datasets.wrapper_families()),  # without `datasets.HELD_OUT_FAMILIES`
-        ]
-    )
+    # `datasets.wrapper_families()` adds 8 wrapper families (never `HELD_OUT_FAMILIES`); not
+    # yet the default: with it the gate fired on tool-schema system prompts (see README).
+    templates: list[str] = field(default_factory=lambda: [str(datasets.default_templates())])
     augment: float = 0.3
     target_fpr: float = 0.01
     probe_l2: Sequence[float] = (1e-2, 1e-1)
     # Positions each probe reads (see `gate.READS`); every set is tried with every window.
-    gate_reads: Sequence[Sequence[str]] = (("last",), ("last", "inst", "mean"))
+    gate_reads: Sequence[Sequence[str]] = (("last",),)  # e.g. (("last",), ("last", "inst", "mean"))
     # Layer offsets around a centre layer that one probe reads; every window is tried.
     probe_windows: Sequence[Sequence[int]] = ((-4, 0, 4), (-8, -4, 0, 4, 8))
     aligned_model: str | None = None  # a safety-aligned model of the same hidden size

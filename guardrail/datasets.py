@@ -41,10 +41,14 @@ def default_harmful() -> list[Path]:
 
 
 def default_harmless() -> list[Path]:
-    """Benign prompts written for this project, about a quarter of which merely sound harmful,
-    and borderline requests that only sound harmful (where a gate over-refuses)."""
-    names = [f"benign_prompts{suffix}.txt" for suffix in ("", "_2", "_3", "_4")]
-    return [_data_file(name) for name in [*names, "borderline_benign.txt"]]
+    """Benign prompts written for this project, about a quarter of which merely sound harmful."""
+    return [_data_file(f"benign_prompts{suffix}.txt") for suffix in ("", "_2", "_3", "_4")]
+
+
+def borderline_benign() -> Path:
+    """Benign requests that only sound harmful (where a gate over-refuses), for evaluation and
+    opt-in calibration (`CalibrationConfig.harmless`)."""
+    return _data_file("borderline_benign.txt")
 
 
 def default_templates() -> Path:

@@ -13,18 +13,22 @@ from guardrail.errors import InputError
 def test_shipped_sets_load() -> None:
     assert len(datasets.load_prompts(datasets.advbench())) == 520
     assert len(datasets.load_many(datasets.default_harmful())) == 1020
-    assert len(datasets.load_many(datasets.default_harmless())) == 3482
+    assert len(datasets.load_many(datasets.default_harmless())) == 2998
     templates = datasets.load_prompts(datasets.default_templates())
     assert templates and all(t.count("{prompt}") == 1 for t in templates)
 
 
 def test_held_out_wrapper_families_never_reach_calibration() -> None:
+    assert len(datasets.load_prompts(datasets.borderline_benign())) == 487
     from guardrail.calibrate import CalibrationConfig, _templates
 
     families = datasets.load_families(datasets.wrapper_families())
     assert len(families) == 12 and set(datasets.HELD_OUT_FAMILIES) <= set(families)
     held_out = {t for f in datasets.HELD_OUT_FAMILIES for t in families[f]}
-    used = set(_templates(CalibrationConfig()))
+    config = CalibrationConfig(
+        templates=[str(datasets.default_templates()), str(datasets.wrapper_families())]
+    )
+    used = set(_templates(config))
     assert used and not used & held_out
     assert set(datasets.load_templates(datasets.wrapper_families(), held_out=True)) == held_out
     seen = {t for f, ts in families.items() if f not in datasets.HELD_OUT_FAMILIES for t in ts}
