@@ -1,7 +1,9 @@
 """Safety figures of the embedded default on held-out data, one table per question.
 
 1. Gate: TPR on held-out harmful prompts and FPR on held-out harmless prompts, for the
-   chosen probe and for the InferAligner SRV baseline at its own best layer.
+   chosen probe and for the InferAligner SRV baseline at its own best layer: as asked, in
+   the wrapper families calibration never saw, and inside the conversation contexts it
+   never saw (system prompts, tool lists, output formats, earlier turns).
 2. Answers: keyword-judged refusal rate of unguarded, guarded (policy `auto`) and forced
    steered answers on held-out harmful prompts, plus steered samples to read.
 
@@ -23,8 +25,19 @@ from guardrail.judge import fluency, is_refusal
 from guardrail.vectors import read_states
 
 
-def states(lm: Any, prompts: list[str]) -> Any:
+def states(lm: Any, prompts: list[Any]) -> Any:
     return read_states(lm, [lm.prompt(p) for p in prompts], reads=READS)
+
+
+def held_out_forms(sets: dict[str, list[str]]) -> dict[str, list[Any]]:
+    """Each set inside the held-out wrapper families and, apart, the held-out contexts."""
+    templates = datasets.load_templates(datasets.wrapper_families(), held_out=True)
+    contexts = datasets.load_contexts(datasets.contexts(), held_out=True)
+    forms: dict[str, list[Any]] = {}
+    for name, prompts in sets.items():
+        forms[f"{name}, held-out wrappers"] = datasets.wrap(prompts, templates, 1.0)
+        forms[f"{name}, held-out contexts"] = datasets.in_contexts(prompts, contexts, 1.0)
+    return forms
 
 
 def answers(
@@ -45,6 +58,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--skip-gate", action="store_true", help="only the answers table")
+    parser.add_argument("--skip-answers", action="store_true", help="only the gate table")
     args = parser.parse_args()
     lm, calibration = setup()
     harmful = {
@@ -59,7 +73,15 @@ def main() -> None:
         "shipped benign/test": datasets.take_split(
             datasets.load_many(datasets.default_harmless()), "test"
         ),
+        "shipped borderline/test": datasets.take_split(
+            datasets.load_prompts(datasets.borderline_benign()), "test"
+        ),
     }
+    plain = {**harmful, **harmless}
+    harmful.update(held_out_forms({k: harmful[k] for k in ("advbench/test", "malicious_instruct")}))
+    harmless.update(
+        held_out_forms({k: harmless[k] for k in ("shipped benign/test", "shipped borderline/test")})
+    )
     read = {} if args.skip_gate else {n: states(lm, p) for n, p in {**harmful, **harmless}.items()}
     rows = []
     for gate in (calibration.gate, calibration.srv_gate):
@@ -78,8 +100,10 @@ def main() -> None:
             )
     print("Gate on held-out prompts (threshold set on the calibration `select` split)")
     print(table(["read-out", "set", "fired/n", "metric", "value"], rows))
+    if args.skip_answers:
+        return
 
-    all_harmful = [p for prompts in harmful.values() for p in prompts]
+    all_harmful = [p for name in harmful if name in plain for p in harmful[name]]
     sampling = Sampling(max_new_tokens=args.tokens)
     auto = GuardedGenerator(lm, calibration)
     results = {

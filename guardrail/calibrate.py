@@ -7,6 +7,7 @@ source, layer and strength are chosen on `dev`; `test` is never read here.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -25,7 +26,7 @@ from guardrail.errors import CalibrationError, ModelError
 from guardrail.gate import READS, Gate, auroc, fit_probe, rates, threshold_at_fpr
 from guardrail.generate import Sampling
 from guardrail.judge import fluency, is_refusal
-from guardrail.model import LanguageModel, cache_root, load_model
+from guardrail.model import Chat, LanguageModel, cache_root, load_model
 from guardrail.vectors import (
     last_token_states,
     num_layers,
@@ -42,18 +43,29 @@ class CalibrationConfig:
     """Inputs and search space of a calibration run; every field lands in the manifest."""
 
     harmful: list[str] = field(default_factory=lambda: [str(p) for p in datasets.default_harmful()])
+    # Benign prompts, with requests that only sound harmful, where a gate over-refuses.
     harmless: list[str] = field(
-        default_factory=lambda: [str(p) for p in datasets.default_harmless()]
+        default_factory=lambda: [
+            str(p) for p in [*datasets.default_harmless(), datasets.borderline_benign()]
+        ]
     )
-    # Share of prompts also seen inside a jailbreak-style wrapper (see `calibrate`).
-    # `datasets.wrapper_families()` adds 8 wrapper families (never `HELD_OUT_FAMILIES`); not
-    # yet the default: with it the gate fired on tool-schema system prompts (see README).
-    templates: list[str] = field(default_factory=lambda: [str(datasets.default_templates())])
+    # Share of prompts also seen inside a jailbreak-style wrapper (see `calibrate`): the
+    # shipped templates and 8 wrapper families (never `datasets.HELD_OUT_FAMILIES`).
+    templates: list[str] = field(
+        default_factory=lambda: [
+            str(p) for p in (datasets.default_templates(), datasets.wrapper_families())
+        ]
+    )
     augment: float = 0.3
+    # Share of `fit` and `select` prompts (both classes) also seen inside a conversation
+    # context: a system prompt, a tool list, an output format or earlier turns
+    # (`datasets.contexts()`; never the contexts it holds out for evaluation).
+    contexts: list[str] = field(default_factory=lambda: [str(datasets.contexts())])
+    context_share: float = 0.3
     target_fpr: float = 0.01
     probe_l2: Sequence[float] = (1e-2, 1e-1)
     # Positions each probe reads (see `gate.READS`); every set is tried with every window.
-    gate_reads: Sequence[Sequence[str]] = (("last",),)  # e.g. (("last",), ("last", "inst", "mean"))
+    gate_reads: Sequence[Sequence[str]] = (("last",), ("last", "inst", "mean"))
     # Layer offsets around a centre layer that one probe reads; every window is tried.
     probe_windows: Sequence[Sequence[int]] = ((-4, 0, 4), (-8, -4, 0, 4, 8))
     aligned_model: str | None = None  # a safety-aligned model of the same hidden size
@@ -101,14 +113,25 @@ def calibrate(
 
     reads = sorted({"last", *(r for rs in config.gate_reads for r in rs)}, key=READS.index)
 
+    contexts = _contexts(config)
+
     def states(prompts: list[str], desc: str) -> dict[str, torch.Tensor]:
-        return read_states(
-            lm,
-            [lm.prompt(p) for p in prompts],
-            reads=reads,
-            batch_size=config.batch_size,
-            desc=desc if progress else None,
-        )
+        """The prompts as asked, then a share of them inside contexts; each context's prompts
+        are read together, so its turns are run once (`read_states` reuses a shared prefix)."""
+        groups: dict[str, list[Chat]] = {"": [[{"role": "user", "content": p}] for p in prompts]}
+        for chat in datasets.in_contexts(prompts, contexts, config.context_share):
+            groups.setdefault(json.dumps(chat[:-1]), []).append(chat)
+        parts = [
+            read_states(
+                lm,
+                [lm.prompt(chat) for chat in chats],
+                reads=reads,
+                batch_size=config.batch_size,
+                desc=desc if progress and not key else None,
+            )
+            for key, chats in tqdm(groups.items(), desc=f"{desc} in contexts", disable=not progress)
+        ]
+        return {read: torch.cat([part[read] for part in parts]) for read in reads}
 
     acts = {
         key: states(p, f"activations {key[0]}/{key[1]}")
@@ -156,6 +179,10 @@ def calibrate(
             "harmful": {"paths": config.harmful, "hash": datasets.content_hash(harmful_all)},
             "harmless": {"paths": config.harmless, "hash": datasets.content_hash(harmless_all)},
             "templates": {"paths": config.templates, "hash": datasets.content_hash(templates)},
+            "contexts": {
+                "paths": config.contexts,
+                "hash": datasets.content_hash([json.dumps(c) for c in contexts]),
+            },
             "held_out_families": list(datasets.HELD_OUT_FAMILIES),
             "split_sizes": {f"{k}/{n}": len(p) for (k, n), p in split.items()},
         },
@@ -176,6 +203,10 @@ def _unit(vectors: torch.Tensor) -> torch.Tensor:
 
 def _templates(config: CalibrationConfig) -> list[str]:
     return [t for path in config.templates for t in datasets.load_templates(path)]
+
+
+def _contexts(config: CalibrationConfig) -> list[datasets.Context]:
+    return [c for path in config.contexts for c in datasets.load_contexts(path)]
 
 
 def _choose_gate(
@@ -350,9 +381,8 @@ def artifact_key(lm: LanguageModel, config: CalibrationConfig) -> str:
 
     templates = _templates(config)
     # The data by content, not by path: the same data installed elsewhere maps to one key.
-    settings = {
-        k: v for k, v in asdict(config).items() if k not in ("harmful", "harmless", "templates")
-    }
+    data_fields = ("harmful", "harmless", "templates", "contexts")
+    settings = {k: v for k, v in asdict(config).items() if k not in data_fields}
     data = datasets.content_hash(
         [
             *datasets.load_many(config.harmful),
@@ -360,6 +390,8 @@ def artifact_key(lm: LanguageModel, config: CalibrationConfig) -> str:
             *datasets.load_many(config.harmless),
             "\x00",
             *templates,
+            "\x00",
+            *(json.dumps(c) for c in _contexts(config)),
             "\x00",
             repr(sorted(settings.items())),
         ]

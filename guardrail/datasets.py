@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from guardrail.errors import InputError
+from guardrail.tool_format import with_tools
 
 # Percent of prompts in each split, in order: probe fitting, gate layer/threshold selection,
 # steering selection, and held-aside evaluation.
@@ -96,6 +97,61 @@ def load_families(path: str | Path) -> dict[str, list[str]]:
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise InputError(f"{path}: line {number}: expected family and template") from exc
     return families
+
+
+def contexts() -> Path:
+    """Conversation contexts a request arrives in (system prompts, tool lists, output formats,
+    earlier turns; `family` plus `messages` and/or `tools`), written for this project."""
+    return _data_file("contexts.jsonl")
+
+
+Context = list[dict[str, str]]
+
+
+def load_contexts(path: str | Path, *, held_out: bool = False) -> list[Context]:
+    """The turns that come before the user's request, one list per context, tools rendered in
+    the tool prompt format. A context falls in a split by a hash of its line: calibration uses
+    those outside `test`, and with `held_out` only those in it (for evaluation)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    found: list[Context] = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}: line {number}"
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{where}: not JSON ({exc.msg})") from exc
+        messages = item.get("messages", []) if isinstance(item, dict) else None
+        tools = item.get("tools", []) if isinstance(item, dict) else None
+        if not isinstance(messages, list) or not isinstance(tools, list) or not messages + tools:
+            raise InputError(f"{where}: expected an object with `messages` and/or `tools` lists")
+        if not all(
+            isinstance(m, dict) and all(isinstance(m.get(k), str) for k in ("role", "content"))
+            for m in messages
+        ):
+            raise InputError(f"{where}: each message needs string `role` and `content`")
+        if (split_of(line) == "test") == held_out:
+            found.append(with_tools([dict(m) for m in messages], tools))
+    return found
+
+
+def in_contexts(
+    prompts: Sequence[str], contexts: Sequence[Context], fraction: float
+) -> list[list[dict[str, str]]]:
+    """A stable, hash-chosen `fraction` of the prompts as chats inside one of the contexts.
+
+    Used on both classes, so the gate learns to judge the request and not what surrounds it.
+    """
+    chats = []
+    for prompt in prompts:
+        digest = int(hashlib.sha256(("context" + prompt).encode()).hexdigest(), 16)
+        if contexts and digest % 1000 < fraction * 1000:
+            context = contexts[(digest // 1000) % len(contexts)]
+            chats.append([*context, {"role": "user", "content": prompt}])
+    return chats
 
 
 def load_many(paths: Sequence[str | Path]) -> list[str]:

@@ -47,6 +47,7 @@ from pydantic import ConfigDict, Field, SecretStr
 from guardrail.engine import Answer
 from guardrail.errors import InputError, OverloadedError
 from guardrail.guard import Guard
+from guardrail.tool_format import render_tool_call, with_tools
 
 EMBEDDED = "embedded"
 _GUARDS: dict[tuple[str, str | None, str | None], Guard] = {}
@@ -76,25 +77,6 @@ def use_guard(
     the service already runs, say) instead of loading another."""
     with _GUARDS_LOCK:
         _GUARDS[(model, policies, redis_url)] = guard
-
-
-def tools_prompt(tools: Sequence[dict[str, Any]]) -> str:
-    """The system-prompt block that lists the tools and the call format."""
-    listed = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
-    return (
-        "You are a function calling AI model. You are provided with function signatures "
-        "within <tools></tools> XML tags. You may call one or more functions to assist with "
-        "the user query. Don't make assumptions about what values to plug into functions.\n"
-        f"<tools>\n{listed}\n</tools>\n"
-        "For each function call return a json object with function name and arguments within "
-        "<tool_call></tool_call> XML tags:\n<tool_call>\n"
-        '{"name": <function-name>, "arguments": <args-dict>}\n</tool_call>'
-    )
-
-
-def render_tool_call(name: str, args: dict[str, Any]) -> str:
-    body = json.dumps({"name": name, "arguments": args}, ensure_ascii=False)
-    return f"<tool_call>\n{body}\n</tool_call>"
 
 
 def _text(content: Any) -> str:
@@ -133,13 +115,7 @@ def to_chat(
         else:
             role = {"human": "user", "system": "system"}.get(message.type, message.type)
             chat.append({"role": role, "content": content})
-    if tools:
-        block = tools_prompt(tools)
-        if chat and chat[0]["role"] == "system":
-            chat[0] = {"role": "system", "content": f"{chat[0]['content']}\n\n{block}"}
-        else:
-            chat.insert(0, {"role": "system", "content": block})
-    return chat
+    return with_tools(chat, tools)
 
 
 def parse_tool_calls(text: str, names: Sequence[str]) -> tuple[str, list[ToolCall]]:

@@ -35,6 +35,37 @@ def test_held_out_wrapper_families_never_reach_calibration() -> None:
     assert seen <= used
 
 
+def test_held_out_contexts_never_reach_calibration() -> None:
+    from guardrail.calibrate import CalibrationConfig, _contexts
+
+    used = _contexts(CalibrationConfig())
+    held_out = datasets.load_contexts(datasets.contexts(), held_out=True)
+    assert len(used) >= 60 and len(held_out) >= 15
+    assert not {repr(c) for c in used} & {repr(c) for c in held_out}
+    for contexts in (used, held_out):  # every kind of context on both sides
+        assert any("<tools>" in c[0]["content"] for c in contexts)
+        assert any(c[-1]["role"] == "assistant" for c in contexts)
+        assert sum(len(c) == 1 and "<tools>" not in c[0]["content"] for c in contexts) >= 5
+    chats = datasets.in_contexts(["Tell me a joke."] * 3, held_out, 1.0)
+    assert chats[0] == chats[1] and chats[0][-1] == {"role": "user", "content": "Tell me a joke."}
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json\n", r"c\.jsonl: line 1: not JSON"),
+        ('{"family": "x"}\n', r"c\.jsonl: line 1: expected an object with `messages`"),
+        ('\n{"messages": [{"role": "system"}]}\n', r"c\.jsonl: line 2: each message needs"),
+        ('{"tools": {"name": "f"}}\n', r"line 1: expected an object"),
+    ],
+)
+def test_bad_context_file_is_named(tmp_path: Path, content: str, message: str) -> None:
+    bad = tmp_path / "c.jsonl"
+    bad.write_text(content)
+    with pytest.raises(InputError, match=message):
+        datasets.load_contexts(bad)
+
+
 def test_bad_template_file_is_named(tmp_path: Path) -> None:
     bad = tmp_path / "w.jsonl"
     bad.write_text('{"family": "x", "template": "no slot"}\n')
