@@ -1,4 +1,4 @@
-"""The `guardrail` command: chat, batch and calibrate on the embedded default or any model.
+"""The `guardrail` command: chat, batch, score and calibrate on the embedded default or any model.
 
 Errors the user can fix print one line naming the problem and exit with status 2; output
 files are written to a temporary name and renamed only when complete.
@@ -29,6 +29,16 @@ OUT.jsonl: the same objects, in the same order, plus "response" (string) and "gu
 (the decision record: gate_score, threshold, fired, path, ...).
 Each row is also appended to OUT.jsonl.partial as it finishes; OUT.jsonl appears only when
 every row is done. After an interruption, run again with --resume to answer only the rest."""
+
+SCORE_FORMAT = """\
+IN.jsonl: one JSON object per line with "id", "prompt" (a string, or a list of
+{"role", "content"} messages) and "response" (a string); other fields are passed through
+unchanged (a "cost", "budget" or "over_budget" field is replaced).
+OUT.jsonl: the same objects, in the same order, plus "cost" (float), "budget" (float: the
+tenant's policy budget) and "over_budget" (bool: cost > budget). The cost is the one a served
+answer is held to: the highest cost, under the tenant's cost model with the last user message
+as the prompt, of the response at every 16-token chunk boundary (the target model's tokens)
+and of the whole response. OUT.jsonl appears only when every row is scored."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -73,6 +83,14 @@ def _parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    def tenancy(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--policies", metavar="DIR", default=None, help="a folder of tenant policy files"
+        )
+        p.add_argument(
+            "--tenant", default="default", help="whose policy applies (needs --policies)"
+        )
+
     def generation(p: argparse.ArgumentParser) -> None:
         common(p)
         p.add_argument("--unguarded", action="store_true", help="plain generation, no gate")
@@ -89,12 +107,7 @@ def _parser() -> argparse.ArgumentParser:
             help="what a prompt that fires the gate gets "
             "(auto: steer only if calibration met the refusal target); without --policies",
         )
-        p.add_argument(
-            "--policies", metavar="DIR", default=None, help="a folder of tenant policy files"
-        )
-        p.add_argument(
-            "--tenant", default="default", help="whose policy applies (needs --policies)"
-        )
+        tenancy(p)
 
     chat = sub.add_parser("chat", help="answer one prompt")
     chat.add_argument("prompt")
@@ -116,6 +129,17 @@ def _parser() -> argparse.ArgumentParser:
         help="keep the rows already in OUT.jsonl.partial (an interrupted run) and answer the rest",
     )
     generation(batch)
+
+    score = sub.add_parser(
+        "score",
+        help="score a JSONL file of (prompt, response) pairs with the tenant's cost model",
+        description=SCORE_FORMAT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    score.add_argument("input", metavar="IN.jsonl")
+    score.add_argument("--out", required=True, metavar="OUT.jsonl")
+    common(score)
+    tenancy(score)
 
     calibrate = sub.add_parser("calibrate", help="calibrate the gate and steering for a model")
     calibrate.add_argument(
@@ -171,8 +195,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def read_requests(path: str | Path) -> list[dict[str, Any]]:
-    """Parse and validate a batch input file; errors name the file, the line and the field."""
+def read_requests(path: str | Path, *, responses: bool = False) -> list[dict[str, Any]]:
+    """Parse and validate a batch input file; errors name the file, the line and the field.
+
+    `responses`: each row also carries its answer, a string `response` (what `score` reads).
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
@@ -188,7 +215,7 @@ def read_requests(path: str | Path) -> list[dict[str, Any]]:
                 raise InputError(f"{path}:{number}: invalid JSON: {exc.msg}") from exc
             if not isinstance(record, dict):
                 raise InputError(f"{path}:{number}: expected a JSON object")
-            for key in ("id", "prompt"):
+            for key in ("id", "prompt", "response") if responses else ("id", "prompt"):
                 if key not in record:
                     raise InputError(f"{path}:{number}: missing field {key!r}")
             prompt = record["prompt"]
@@ -207,6 +234,9 @@ def read_requests(path: str | Path) -> list[dict[str, Any]]:
                     f"{path}:{number}: field 'prompt' must be a non-empty string or a list of "
                     "{role, content} messages"
                 )
+            if responses and not isinstance(record["response"], str):
+                kind = type(record["response"]).__name__
+                raise InputError(f"{path}:{number}: field 'response' must be a string, not {kind}")
             key = _id_key(record)
             if key in lines_of:  # a resumed run finds its finished rows by id
                 raise InputError(
@@ -320,28 +350,35 @@ def _scorers(args: argparse.Namespace, generator: GuardedGenerator) -> Any:
     )
 
 
-def _guard(args: argparse.Namespace, sampling: Any, *, max_batch: int = 16, queue: int = 1) -> Any:
+def _guard(
+    args: argparse.Namespace,
+    sampling: Any,
+    *,
+    max_batch: int = 16,
+    queue: int = 1,
+    start: bool = True,
+) -> Any:
     """The same `Guard` that services use, over a worker sized for this run.
 
     `--unguarded` and `--on-fire` become the default tenant's policy; the worker's queue holds
-    the whole input, so a batch file never meets backpressure.
+    the whole input, so a batch file never meets backpressure. `start=False` leaves the
+    worker's thread unstarted, for a run that only reads its policies and cost model.
     """
     from guardrail.guard import Guard, TenantPolicy
     from guardrail.tenants import PolicyStore
     from guardrail.worker import LocalWorker
 
     policies: Any
+    on_fire = getattr(args, "on_fire", None)
     if args.policies:
-        if args.on_fire is not None:
+        if on_fire is not None:
             raise InputError("--on-fire is the policy's `on_fire` when --policies is given")
         policies = PolicyStore(args.policies)  # invalid files: PolicyError before any loading
         policies.get(args.tenant)  # an unknown tenant fails here, not per request
     elif args.tenant != "default":
         raise InputError(f"--tenant {args.tenant} needs --policies DIR")
     else:
-        policy = TenantPolicy(
-            on_fire=args.on_fire or "auto", sampling=sampling, allow_unguarded=True
-        )
+        policy = TenantPolicy(on_fire=on_fire or "auto", sampling=sampling, allow_unguarded=True)
         policies = {"default": policy}
     generator = _generator(args)  # loads the model and calibration, validates --on-fire
     worker = LocalWorker(
@@ -350,6 +387,7 @@ def _guard(args: argparse.Namespace, sampling: Any, *, max_batch: int = 16, queu
         max_batch=max_batch,
         max_queue=max(queue, 1),
         scorers=_scorers(args, generator),
+        start=start,
     )
     return Guard(worker=worker, policies=policies)
 
@@ -414,6 +452,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "batch":
         return _batch(args)
+    elif args.command == "score":
+        return _score(args)
     elif args.command == "chat":
         sampling = _sampling(args)
         guard = _guard(args, sampling)
@@ -524,6 +564,48 @@ def _batch(args: argparse.Namespace) -> int:
     partial.unlink(missing_ok=True)
     fired = sum(bool(json.loads(line)["guard"]["fired"]) for line in lines)
     print(f"wrote {len(lines)} answers to {args.out} ({fired} fired the gate)", file=sys.stderr)
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    """Score each row's response as the served guard would check it, with the model, cost
+    model and tenant policy `batch` would use; OUT is written only when every row is scored."""
+    from tqdm.auto import tqdm
+
+    from guardrail.generate import Sampling
+    from guardrail.scoring import answer_costs, cost_query
+
+    records = read_requests(args.input, responses=True)  # validate before loading anything
+    guard = _guard(args, Sampling(), start=False)  # nothing is generated: never started
+    try:
+        worker = guard.worker
+        # The request the guard would build for each row: its budget (the policy's; a refusal
+        # text over it is a policy error, as when serving) and the chat the cost model reads.
+        requests = [guard.request(r["prompt"], tenant=args.tenant) for r in records]
+        lines: list[str] = []
+        over = 0
+        step = 32  # rows per cost call: bounded memory, a moving progress bar
+        with tqdm(total=len(records), desc="scores", unit="row", disable=args.quiet) as bar:
+            for start in range(0, len(records), step):
+                rows, asked = records[start : start + step], requests[start : start + step]
+                costs = answer_costs(
+                    worker.scorers.cost,
+                    [cost_query(request.chat) for request in asked],
+                    [r["response"] for r in rows],
+                    tokenizer=worker.lm.tokenizer,
+                    chunk_tokens=worker.chunk_tokens,
+                )
+                for record, request, cost in zip(rows, asked, costs, strict=True):
+                    assert request.budget is not None  # guarded, with a cost model: always set
+                    budget = float(request.budget)
+                    row = {**record, "cost": cost, "budget": budget, "over_budget": cost > budget}
+                    lines.append(json.dumps(row) + "\n")
+                    over += cost > budget
+                bar.update(len(rows))
+    finally:
+        guard.close()
+    _write_atomically(Path(args.out), lines)
+    print(f"wrote {len(lines)} scores to {args.out} ({over} over budget)", file=sys.stderr)
     return 0
 
 

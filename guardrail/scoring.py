@@ -14,6 +14,8 @@ message), the response is the answer so far (a prefix while generating).
   the base model with no steering. `ClassifierReward` plugs in a reward model.
 - `CachedCost` puts any cost model behind a score cache (memory, disk or Redis), keyed by the
   content hash of what the model reads.
+- `answer_costs` scores whole answers offline as the worker's stream check holds them to a
+  budget (`guardrail score`): the highest cost of each answer's `checked_texts`.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from guardrail.cache.scores import CachedScorer, CountingScores, MemoryScores, S
 from guardrail.embedding import Embedder
 from guardrail.errors import ModelError
 from guardrail.judge import token_nlls
-from guardrail.model import LanguageModel
+from guardrail.model import Chat, LanguageModel
 
 COST_SCALE = 10.0
 DEFAULT_BUDGET = 5.0  # the calibrated operating point of the default cost model
@@ -194,6 +196,53 @@ class CachedCost:
         return [scores[0] for scores in self._scorer(keys)]
 
 
+def cost_query(chat: Chat | str) -> str:
+    """The text a cost model reads as the prompt: the last user message (the last message
+    when no turn is the user's)."""
+    if isinstance(chat, str):
+        return chat
+    users = [m["content"] for m in chat if m.get("role") == "user"]
+    return users[-1] if users else (chat[-1]["content"] if chat else "")
+
+
+def checked_texts(tokenizer: Any, response: str, chunk_tokens: int = 16) -> list[str]:
+    """What the worker's cost check reads of `response` as it streams it: the answer so far at
+    every `chunk_tokens` tokens (a character split across tokens held back, as mid-answer) and
+    the whole answer, stripped too when that changes it (a final answer is checked both ways).
+
+    The tokens are `response` tokenized again by the target model's tokenizer: the stream's
+    own boundaries whenever the model produced the canonical tokens, as it nearly always does.
+    """
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    texts = [
+        str(tokenizer.decode(ids[:n], skip_special_tokens=True)).rstrip("\ufffd")
+        for n in range(chunk_tokens, len(ids), chunk_tokens)
+    ]
+    texts.append(response)
+    if response.strip() != response:
+        texts.append(response.strip())
+    return texts
+
+
+def answer_costs(
+    cost: CostModel,
+    queries: Sequence[str],
+    responses: Sequence[str],
+    *,
+    tokenizer: Any,
+    chunk_tokens: int = 16,
+) -> list[float]:
+    """Each response's cost as a served answer is held to a budget: the highest cost of its
+    `checked_texts` (a stream stops at the first check over budget, so an answer is within
+    budget only if every check is). One cost call for all of them."""
+    groups = [checked_texts(tokenizer, r, chunk_tokens) for r in responses]
+    prompts = [q for q, group in zip(queries, groups, strict=True) for _ in group]
+    scores = iter(cost.cost(prompts, [t for group in groups for t in group]))
+    return [max(float(next(scores)) for _ in group) for group in groups]
+
+
 __all__ = [
     "COST_SCALE",
     "DEFAULT_BUDGET",
@@ -204,4 +253,7 @@ __all__ = [
     "ProbeCost",
     "ProxyReward",
     "RewardModel",
+    "answer_costs",
+    "checked_texts",
+    "cost_query",
 ]

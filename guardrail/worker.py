@@ -65,6 +65,7 @@ from guardrail.generate import (
 )
 from guardrail.hooks import Pooler, Steering
 from guardrail.model import Chat, LanguageModel, Prompt
+from guardrail.scoring import cost_query
 from guardrail.search import Scorers, SearchResult, SearchSettings, search
 
 log = logging.getLogger(__name__)
@@ -346,7 +347,7 @@ class LocalWorker:
         for job in group:
             job.rendered = lm.prompt(job.request.chat, job.request.response_prefix)
             job.prompt = job.rendered.text
-            job.query = _query(job.request.chat)
+            job.query = cost_query(job.request.chat)
             job.admitted = started
             n = job.rendered.end
             limit = job.request.max_input_tokens
@@ -753,14 +754,6 @@ def _close_live_workers() -> None:
             worker.close(drain=False, timeout=_EXIT_TIMEOUT_S)
         except Exception:
             log.exception("a guard worker did not stop at interpreter exit")
-
-
-def _query(chat: Chat | str) -> str:
-    """The text a cost model reads as the prompt: the last user message."""
-    if isinstance(chat, str):
-        return chat
-    users = [m["content"] for m in chat if m.get("role") == "user"]
-    return users[-1] if users else (chat[-1]["content"] if chat else "")
 
 
 __all__ = [
