@@ -523,11 +523,21 @@ class LocalWorker:
         return text
 
     def _stopped(self, job: _Job) -> bool:
+        """Whether the newest token completed a stop sequence. Earlier steps checked the text
+        before it, so a new match ends in that token's text: only a tail long enough to hold
+        the longest stop sequence and that token is decoded, not the whole answer."""
         stops = job.request.stop
         if not stops:
             return False
-        text = str(self.lm.tokenizer.decode(job.tokens, skip_special_tokens=True))
-        return any(s in text for s in stops)
+        longest = max(len(s) for s in stops)
+        decode = self.lm.tokenizer.decode
+        newest = len(str(decode(job.tokens[-1:], skip_special_tokens=True)))
+        window = longest + 4  # a few more tokens: the tail may start inside a character
+        while True:
+            tail = str(decode(job.tokens[-window:], skip_special_tokens=True))
+            if window >= len(job.tokens) or len(tail) >= longest + newest + 4:
+                return any(s in tail for s in stops)
+            window *= 2
 
     def _release(self, due: list[tuple[_Job, bool]]) -> list[bool]:
         """Check each row's answer so far against its budget (one cost call for all) and

@@ -435,6 +435,31 @@ def test_stop_sequences_cut_the_answer_and_the_stream(llama: Any, llama_cal: Cal
         guard.close()
 
 
+def test_stop_check_on_the_tail_finds_what_the_whole_answer_shows(
+    llama: Any, llama_cal: Calibration
+) -> None:
+    """The stop check decodes only a tail; it must fire at the same token as a check of the
+    whole decoded answer, also for stop strings split over tokens, multi-byte characters
+    and special tokens in between."""
+    worker = LocalWorker(llama, llama_cal, start=False)
+    tokenizer = llama.tokenizer
+    text = "Café naïve 🙂 déjà vu — a long-winded answer ends here: STOP-HERE and then 日本語 more"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = [*ids[:5], tokenizer.eos_token_id, *ids[5:]]  # decodes to nothing when skipped
+    for stop in ("STOP-HERE", "ends here: STOP", "🙂 d", "日本", "u — a", "never there"):
+        job = SimpleNamespace(request=SimpleNamespace(stop=(stop, "x" * 40)), tokens=[])
+        fired = whole = None
+        for step, token in enumerate(ids):
+            job.tokens.append(token)
+            if fired is None and worker._stopped(job):  # type: ignore[arg-type]
+                fired = step
+            decoded = tokenizer.decode(job.tokens, skip_special_tokens=True)
+            if whole is None and stop in decoded:
+                whole = step
+        assert fired == whole, stop
+        assert (whole is None) == (stop == "never there")
+
+
 def test_response_prefix_keeps_the_gate_on_the_prompt(llama: Any, llama_cal: Calibration) -> None:
     """The gate reads the prompt's last token, not the prefix; the answer continues the prefix."""
     worker = LocalWorker(llama, llama_cal, start=False)
