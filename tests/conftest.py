@@ -11,6 +11,8 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,17 @@ def shared_file(*parts: str) -> Path:
     if not path.is_file():
         pytest.skip(f"needs the public safety data at {path}")
     return path
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`guardrail ARGS` in a subprocess, as a user runs it (output captured)."""
+    return subprocess.run(
+        [sys.executable, "-m", "guardrail.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=120,
+    )
 
 
 def alpaca_test(n: int, seed: int = 0) -> list[str]:

@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-
-def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "guardrail.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=120,
-    )
+from conftest import run_cli
 
 
 @pytest.mark.parametrize(
@@ -33,7 +23,7 @@ def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 )
 def test_bad_batch_input(tmp_path: Path, content: str, message: str) -> None:
     (tmp_path / "in.jsonl").write_text(content)
-    result = _run("batch", "in.jsonl", "--out", "out.jsonl", cwd=tmp_path)
+    result = run_cli("batch", "in.jsonl", "--out", "out.jsonl", cwd=tmp_path)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
@@ -42,12 +32,12 @@ def test_bad_batch_input(tmp_path: Path, content: str, message: str) -> None:
 
 
 def test_missing_input_file(tmp_path: Path) -> None:
-    result = _run("batch", "absent.jsonl", "--out", "out.jsonl", cwd=tmp_path)
+    result = run_cli("batch", "absent.jsonl", "--out", "out.jsonl", cwd=tmp_path)
     assert result.returncode == 2 and "absent.jsonl: no such file" in result.stderr
 
 
 def test_unknown_model(tmp_path: Path) -> None:
-    result = _run(
+    result = run_cli(
         "chat", "hello", "--unguarded", "--model", str(tmp_path / "no-such-model"), cwd=tmp_path
     )
     assert result.returncode == 2

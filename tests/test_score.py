@@ -8,14 +8,13 @@ fails with one line before any model loads.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from conftest import run_cli
 from guardrail.cli import run
 from guardrail.scoring import DEFAULT_BUDGET, answer_costs, checked_texts, cost_query
 
@@ -174,16 +173,6 @@ def test_cost_query_is_the_last_user_message() -> None:
     assert cost_query([{"role": "system", "content": "only"}]) == "only"
 
 
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "guardrail.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=120,
-    )
-
-
 GOOD = '{"id": 1, "prompt": "hi", "response": "hello"}\n'
 
 
@@ -206,7 +195,7 @@ GOOD = '{"id": 1, "prompt": "hi", "response": "hello"}\n'
 )
 def test_bad_score_input(tmp_path: Path, content: str, message: str) -> None:
     (tmp_path / "in.jsonl").write_text(content)
-    result = _cli("score", "in.jsonl", "--out", "out.jsonl", cwd=tmp_path)
+    result = run_cli("score", "in.jsonl", "--out", "out.jsonl", cwd=tmp_path)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
@@ -215,6 +204,6 @@ def test_bad_score_input(tmp_path: Path, content: str, message: str) -> None:
 
 def test_tenant_needs_policies(tmp_path: Path) -> None:
     (tmp_path / "in.jsonl").write_text(GOOD)
-    result = _cli("score", "in.jsonl", "--out", "out.jsonl", "--tenant", "acme", cwd=tmp_path)
+    result = run_cli("score", "in.jsonl", "--out", "out.jsonl", "--tenant", "acme", cwd=tmp_path)
     assert result.returncode == 2 and "--tenant acme needs --policies DIR" in result.stderr
     assert list(tmp_path.iterdir()) == [tmp_path / "in.jsonl"]
