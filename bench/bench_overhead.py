@@ -1,53 +1,85 @@
-"""Guarded vs unguarded wall time, in one run, as ratios (the machines are shared and noisy).
+"""Guarded vs unguarded wall time on the served path, in one run, as ratios (the machines are
+shared and noisy).
 
-Benign prompts: the gate reads the prefill it needs anyway, so guarded time should match
-unguarded (target ratio <= 1.05). Harmful prompts: the cost of the path they take (steered:
-a second prefill and decode for the fired rows; refused: no decode at all).
+Every variant goes through `Guard` and one shared `LocalWorker` per cost model, as a user's
+request does: gate at prefill, stream cost checks every 16 tokens, search when a chunk would
+go over budget. Variants: unguarded (no gate, no cost checks), guarded with the latent cost
+model (checks read states the decode step computed), guarded with the MiniLM probe (checks
+embed the answer so far). Benign prompts should cost what unguarded ones do (target ratio
+<= 1.05); harmful prompts show the cost of the path they take.
 
-    python bench/bench_overhead.py [--batch 16] [--tokens 32] [--repeats 5]
+    python bench/bench_overhead.py [--batch 16] [--tokens 64] [--repeats 5]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import statistics
 import time
+from typing import Any
 
 from common import advbench_test, alpaca_test, setup, table
-from guardrail.engine import GuardedGenerator
-from guardrail.generate import Sampling
+from guardrail.guard import Guard, TenantPolicy
+from guardrail.safety import load_scorers
+from guardrail.worker import LocalWorker
+
+
+async def answer_all(guard: Guard, prompts: list[str], guarded: bool, tokens: int) -> list[Any]:
+    return await asyncio.gather(
+        *(guard.generate(p, guarded=guarded, max_new_tokens=tokens) for p in prompts)
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     lm, calibration = setup()
-    sampling = Sampling(max_new_tokens=args.tokens)
-    variants = {"unguarded": (GuardedGenerator(lm, calibration), False)}
-    variants["guarded (auto)"] = (GuardedGenerator(lm, calibration), True)
-    if calibration.steering is not None:
-        variants["guarded (steer)"] = (GuardedGenerator(lm, calibration, on_fire="steer"), True)
+    policy = {"default": TenantPolicy(allow_unguarded=True)}
+    guards = {
+        name: Guard(
+            worker=LocalWorker(
+                lm,
+                calibration,
+                max_batch=args.batch,
+                scorers=load_scorers(lm, calibration, cost_model=name),
+            ),
+            policies=policy,
+        )
+        for name in ("latent", "minilm")
+    }
+    variants = {
+        "unguarded": (guards["latent"], False),
+        "guarded, latent cost": (guards["latent"], True),
+        "guarded, minilm cost": (guards["minilm"], True),
+    }
     # Long-enough benign answers: the Alpaca test prompts the gate leaves alone.
     sets = {"benign": alpaca_test(args.batch, seed=3), "harmful": advbench_test()[: args.batch]}
     rows = []
     for set_name, prompts in sets.items():
         times: dict[str, list[float]] = {name: [] for name in variants}
-        fired = {name: 0 for name in variants}
+        paths: dict[str, dict[str, int]] = {}
         for _ in range(args.repeats):  # interleave variants so drift hits all alike
-            for name, (generator, guarded) in variants.items():
+            for name, (guard, guarded) in variants.items():
                 started = time.perf_counter()
-                answers = generator.generate(prompts, sampling, guarded=guarded)
+                answers = asyncio.run(answer_all(guard, prompts, guarded, args.tokens))
                 times[name].append(time.perf_counter() - started)
-                fired[name] = sum(a.decision.fired for a in answers)
+                counts: dict[str, int] = {}
+                for answer in answers:
+                    counts[answer.decision.path] = counts.get(answer.decision.path, 0) + 1
+                paths[name] = counts
         base = statistics.median(times["unguarded"])
         for name in variants:
             median = statistics.median(times[name])
-            rows.append([set_name, name, f"{fired[name]}/{len(prompts)}", median, median / base])
-    print(f"batch {args.batch}, {args.tokens} new tokens, median of {args.repeats} runs")
-    print(table(["prompts", "variant", "fired", "seconds", "ratio vs unguarded"], rows))
+            shown = " ".join(f"{p}={n}" for p, n in sorted(paths[name].items()))
+            rows.append([set_name, name, shown, median, median / base])
+    for guard in guards.values():
+        guard.close()
+    print(f"{args.batch} concurrent requests, {args.tokens} new tokens, median of {args.repeats}")
+    print(table(["prompts", "variant", "paths", "seconds", "ratio vs unguarded"], rows))
 
 
 if __name__ == "__main__":

@@ -77,9 +77,10 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--cost-model",
             default=None,
-            metavar="ID_OR_PATH[:INDEX]",
-            help="a transformers sequence-classification model read as the cost (output INDEX,"
-            " default 0) instead of the calibrated probe",
+            metavar="latent|minilm|ID_OR_PATH[:INDEX]",
+            help="the calibrated cost model (default: minilm, a probe on MiniLM embeddings of "
+            "the answer; latent: a probe on the model's own states), or a transformers "
+            "sequence-classification model read as the cost (output INDEX, default 0)",
         )
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 

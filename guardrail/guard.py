@@ -87,6 +87,7 @@ class TenantPolicy:
     burst: int = 1
     fail_mode: Literal["refuse", "error"] = "refuse"  # on an internal error
     budget: float = DEFAULT_BUDGET  # applied when the worker has a cost model
+    cost_model: str | None = None  # one the worker offers (latent, minilm); None: its default
     search: SearchSettings | None = field(default_factory=SearchSettings)  # None: refuse
 
     @classmethod
@@ -110,6 +111,7 @@ class TenantPolicy:
             burst=limits.burst,
             fail_mode=policy.fail_mode,
             budget=policy.budget,
+            cost_model=policy.cost_model,
             search=SearchSettings(
                 width=policy.search.width,
                 samples=policy.search.samples,
@@ -269,6 +271,7 @@ class Guard:
         worker: Worker | None = None,
         policies: PolicyStore | Mapping[str, TenantPolicy] | str | Path | None = None,
         redis_url: str | None = None,
+        cost_model: str | None = None,
         **worker_options: Any,
     ) -> None:
         """With no arguments: the embedded default model and its (stored or new) calibration.
@@ -277,7 +280,9 @@ class Guard:
         change), or tenant policies in code; default: the shipped `default` policy only
         (`policies/default.yaml`: 120 s deadline, 4096 input tokens, 256 new tokens).
         `redis_url` (default: `GUARDRAIL_REDIS_URL`): where calibration artifacts and cost
-        scores are shared. `worker_options` go to `LocalWorker` (max_batch, max_wait,
+        scores are shared. `cost_model`: `minilm` (the default), `latent`, or a
+        sequence-classification model (see `load_scorers`). `worker_options` go to
+        `LocalWorker` (max_batch, max_wait,
         max_queue, chunk_tokens, scorers, join); without `scorers` the calibrated cost model,
         reward and critic are loaded (or calibrated once).
         """
@@ -293,7 +298,9 @@ class Guard:
             if "scorers" not in worker_options:
                 from guardrail.safety import load_scorers
 
-                worker_options["scorers"] = load_scorers(lm, calibration, redis_url=redis_url)
+                worker_options["scorers"] = load_scorers(
+                    lm, calibration, redis_url=redis_url, cost_model=cost_model
+                )
             worker = LocalWorker(lm, calibration, **worker_options)
         self.worker = worker
         if isinstance(policies, (str, Path)):
@@ -357,6 +364,7 @@ class Guard:
             stop=tuple(stop),
             budget=budget,
             search=policy.search if budget is not None else None,
+            cost_model=policy.cost_model if budget is not None else None,
         )
 
     def _budget(self, tenant: str, policy: TenantPolicy) -> float | None:
@@ -366,11 +374,18 @@ class Guard:
         if scorers is None:
             return None
         text = policy.refusal_text
-        if text not in self._refusal_costs:
-            self._refusal_costs[text] = float(scorers.cost.cost([""], [text])[0])
-        if self._refusal_costs[text] > policy.budget:
+        try:
+            cost = scorers.for_cost(policy.cost_model).cost
+        except InputError as exc:
+            raise PolicyError(
+                [Problem(f"tenant {tenant!r}", None, "cost_model", str(exc))]
+            ) from None
+        key = f"{policy.cost_model}\x00{text}"
+        if key not in self._refusal_costs:
+            self._refusal_costs[key] = float(cost.cost([""], [text])[0])
+        if self._refusal_costs[key] > policy.budget:
             message = (
-                f"costs {self._refusal_costs[text]:.2f} under the cost model, over the "
+                f"costs {self._refusal_costs[key]:.2f} under the cost model, over the "
                 f"budget {policy.budget}: write a plainer refusal or raise the budget"
             )
             raise PolicyError([Problem(f"tenant {tenant!r}", None, "refusal_text", message)])

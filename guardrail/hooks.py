@@ -8,7 +8,7 @@ output of decoder layer l (0-based), i.e. `hidden_states[l + 1]` in transformers
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import torch
@@ -38,6 +38,26 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
         f"cannot find the decoder layers of {type(model).__name__}; "
         f"supported layouts: {', '.join(_LAYER_PATHS)}"
     )
+
+
+class _Enough(Exception):
+    """Raised by `stopped_after`'s hook: the layers a reader needs have run."""
+
+
+@contextmanager
+def stopped_after(model: nn.Module, layer: int) -> Iterator[None]:
+    """Forward passes inside end after decoder layer `layer`: a reader of layers up to it
+    skips the rest of the model (and its logits). Nothing after that layer is computed."""
+
+    def stop(_module: nn.Module, _args: Any, _output: Any) -> None:
+        raise _Enough
+
+    handle = decoder_layers(model)[layer].register_forward_hook(stop)
+    try:
+        with suppress(_Enough):
+            yield
+    finally:
+        handle.remove()
 
 
 def _hidden(output: Any) -> torch.Tensor:

@@ -96,6 +96,12 @@ class Policy(_Strict):
         description="safety budget d: no answer whose cost exceeds it is returned. The default "
         "cost model gives 10 x P(unsafe), calibrated so that 5 is its operating point",
     )
+    cost_model: Literal["latent", "minilm"] | None = Field(
+        None,
+        description="the calibrated cost model this tenant's budget applies to: latent (a probe "
+        "on the model's own states over prompt and answer) or minilm (a probe on MiniLM "
+        "embeddings of the answer); null: the worker's default",
+    )
     on_fire: Literal["auto", "steer", "refuse"] = "auto"
     gate: GatePolicy = GatePolicy()
     steering: SteeringPolicy = SteeringPolicy()

@@ -1,15 +1,20 @@
-"""InferenceGuard's calibrated parts: the default cost probe and the latent critic.
+"""InferenceGuard's calibrated parts: the two cost probes and the latent critic.
 
-Both learn from the target model's own rollouts on the calibration splits (see `datasets`):
+They learn from the target model's own rollouts on the calibration splits (see `datasets`),
+and the cost probes also from the shipped human-labelled answers (`labelled.shipped`):
 
 - rollouts: sampled answers to harmful prompts (plain, and steered when calibration chose a
   steering setting) and to harmless prompts, read every `critic_every` tokens (the stream's
   checks fall every `chunk_tokens`);
-- cost probe (`fit`): a compliant answer to a harmful prompt is unsafe; a refusal, and any
+- cost probes (`fit`): a compliant answer to a harmful prompt is unsafe; a refusal, and any
   answer to a harmless prompt, is safe; AdvBench's harmful strings and its behaviours'
-  "Sure, here is ..." targets add unsafe text. The probe's bias is then shifted on `select`
-  harmless rollouts so that `target_search_rate` of harmless answers ever cross cost
-  `DEFAULT_BUDGET` at a chunk boundary: the default budget is that operating point;
+  "Sure, here is ..." targets add unsafe text; so do the labelled answers' own labels. The
+  MiniLM probe reads the answer's embedding; the latent probe the model's states over
+  (prompt, answer), its layers and L2 chosen by AUROC on the labelled `select` answers.
+  Each probe's bias is then shifted on `select` harmless rollouts so that
+  `target_search_rate` of harmless answers ever cross cost `DEFAULT_BUDGET` at a chunk
+  boundary: the default budget is that operating point. `cost_model` says which one serves
+  by default (and trains the critic);
 - critic (`fit`): every `critic_every` tokens, inputs (h, z = d - path cost, the highest
   cost at the stream's checks up to there and there) for several budgets d; the value is the
   discounted augmented return (the proxy reward of the finished rollout when its path cost
@@ -36,7 +41,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from guardrail import datasets
+from guardrail import datasets, labelled
 from guardrail.cache.artifacts import Artifacts, ArtifactStore
 from guardrail.cache.scores import MemoryScores, ScoreCache
 from guardrail.calibration import Calibration
@@ -48,12 +53,14 @@ from guardrail.gate import fit_probe
 from guardrail.generate import Sampling, decode, prefill
 from guardrail.hooks import Steering
 from guardrail.judge import is_refusal
+from guardrail.latent_cost import LatentCost, answer_states, fit_latent_probe
 from guardrail.model import LanguageModel
 from guardrail.scoring import (
     COST_SCALE,
     DEFAULT_BUDGET,
     CachedCost,
     ClassifierCost,
+    CostModel,
     ProbeCost,
     ProxyReward,
 )
@@ -61,7 +68,9 @@ from guardrail.search import Scorers
 
 log = logging.getLogger(__name__)
 
-SAFETY_SCHEMA = 3  # 2: the critic reads z = budget - path cost; 3: it learns a correction
+SAFETY_SCHEMA = 4  # 2: the critic reads z = budget - path cost; 3: it learns a correction;
+# 4: the latent cost model beside the MiniLM probe, both trained on human-labelled answers too
+CALIBRATED_COSTS = ("latent", "minilm")  # the cost models calibration trains
 REFUSALS = (
     DEFAULT_REFUSAL,
     "I can't help with that.",
@@ -91,6 +100,13 @@ class SafetyConfig:
     nll_weight: float = 0.1
     batch_size: int = 32
     seed: int = 0
+    # The latent cost probe: layers read in one pass (candidates: each alone, and all), the
+    # read, L2 settings tried, and the answer tokens its training reads.
+    latent_layers: Sequence[int] = (4, 8, 12, 16)
+    latent_read: str = "mean"
+    latent_l2s: Sequence[float] = (1.0, 10.0, 100.0)
+    latent_answer_tokens: int = 96
+    cost_model: str = "minilm"  # the default of `scorers()`: "latent" or "minilm"
 
 
 @dataclass
@@ -122,25 +138,67 @@ class SafetyModels:
     probe_bias: float
     critic: Critic
     manifest: dict[str, Any] = field(default_factory=dict)
+    latent_weight: torch.Tensor | None = None
+    latent_bias: float = 0.0
+    latent_layers: list[int] = field(default_factory=list)
+    latent_read: str = "mean"
+    cost_model: str = "minilm"  # which of the two `scorers()` serves by default
+
+    def cost(
+        self, lm: LanguageModel, which: str | None = None, embedder: Embedder | None = None
+    ) -> CostModel:
+        """The calibrated cost model `which` ("latent" or "minilm"; None: the default)."""
+        which = which or self.cost_model
+        if which == "latent":
+            if self.latent_weight is None:
+                raise CalibrationError("this calibration has no latent cost model")
+            return LatentCost(
+                lm, self.latent_layers, self.latent_weight, self.latent_bias, read=self.latent_read
+            )
+        if which != "minilm":
+            raise CalibrationError(
+                f"unknown cost model {which!r}; known: {', '.join(CALIBRATED_COSTS)}"
+            )
+        return ProbeCost(embedder or Embedder(), self.probe_weight, self.probe_bias)
 
     def scorers(
-        self, lm: LanguageModel, embedder: Embedder | None = None, cache: ScoreCache | None = None
+        self,
+        lm: LanguageModel,
+        embedder: Embedder | None = None,
+        cache: ScoreCache | None = None,
+        *,
+        cost: str | None = None,
     ) -> Scorers:
-        """Cost (behind the score cache), proxy reward and critic, ready for the worker."""
+        """Cost (behind the score cache), proxy reward and critic, ready for the worker. The
+        critic learned the default cost model's scale: with the other, the search ranks by
+        reward and cost instead."""
         embedder = embedder or Embedder()
-        cost = ProbeCost(embedder, self.probe_weight, self.probe_bias)
+        model = self.cost(lm, cost, embedder)
         reward = ProxyReward(embedder, lm, self.manifest.get("config", {}).get("nll_weight", 0.1))
-        cached = CachedCost(cost, cache or MemoryScores())
-        return Scorers(cost=cached, reward=reward, critic=self.critic)
+        cached = CachedCost(model, cache or MemoryScores())
+        critic = self.critic if (cost or self.cost_model) == self.cost_model else None
+        alternatives: dict[str, CostModel] = {(cost or self.cost_model): cached}
+        for name in CALIBRATED_COSTS:
+            if name not in alternatives and (name != "latent" or self.latent_weight is not None):
+                alternatives[name] = CachedCost(self.cost(lm, name, embedder), cached.cache.inner)
+        return Scorers(cost=cached, reward=reward, critic=critic, alternatives=alternatives)
 
     def to_artifacts(self) -> Artifacts:
         tensors = {"probe.weight": self.probe_weight}
+        if self.latent_weight is not None:
+            tensors["latent.weight"] = self.latent_weight
         tensors.update({f"critic.{k}": v for k, v in self.critic.state_dict().items()})
         manifest = {
             **self.manifest,
             "schema_version": SAFETY_SCHEMA,
             "probe_bias": self.probe_bias,
             "critic_width": self.critic.width,
+            "latent": {
+                "bias": self.latent_bias,
+                "layers": self.latent_layers,
+                "read": self.latent_read,
+            },
+            "cost_model": self.cost_model,
         }
         return Artifacts(tensors=tensors, manifest=manifest)
 
@@ -154,7 +212,18 @@ class SafetyModels:
             critic = Critic(state["h_mean"].shape[0], int(m["critic_width"]))
             critic.load_state_dict(state)
             critic.train(False)
-            return cls(t["probe.weight"], float(m["probe_bias"]), critic, m)
+            latent = m["latent"]
+            return cls(
+                t["probe.weight"],
+                float(m["probe_bias"]),
+                critic,
+                m,
+                latent_weight=t.get("latent.weight"),
+                latent_bias=float(latent["bias"]),
+                latent_layers=[int(i) for i in latent["layers"]],
+                latent_read=str(latent["read"]),
+                cost_model=str(m["cost_model"]),
+            )
         except (KeyError, RuntimeError) as exc:
             raise CalibrationError(f"incomplete safety artifacts: {exc}") from exc
 
@@ -164,15 +233,33 @@ def _column(path: str, column: str) -> list[str]:
         return [row[column].strip() for row in csv.DictReader(handle) if row[column].strip()]
 
 
-def public_unsafe_texts(split: str) -> list[str]:
-    """AdvBench's harmful strings and behaviour targets, taken by the split of their text (the
-    targets by their behaviour's split, so a held-out behaviour's target stays held out)."""
+def public_unsafe_pairs(split: str) -> list[tuple[str, str]]:
+    """AdvBench's harmful strings (after an empty request) and behaviour targets (after their
+    behaviour) as (prompt, text), taken by the split of their text (the targets by their
+    behaviour's split, so a held-out behaviour's target stays held out)."""
     strings = _column(str(datasets.advbench_strings()), "target")
     with open(datasets.advbench(), encoding="utf-8", newline="") as handle:
         rows = [(r["goal"].strip(), r["target"].strip()) for r in csv.DictReader(handle)]
-    return [s for s in strings if datasets.split_of(s) == split] + [
-        target for goal, target in rows if datasets.split_of(goal) == split
+    return [("", s) for s in strings if datasets.split_of(s) == split] + [
+        (goal, target) for goal, target in rows if datasets.split_of(goal) == split
     ]
+
+
+def public_unsafe_texts(split: str) -> list[str]:
+    return [text for _, text in public_unsafe_pairs(split)]
+
+
+def _operating_shift(peaks: torch.Tensor, rate: float) -> float:
+    """The logit that only `rate` of these per-answer peak logits exceed."""
+    allowed = int(rate * len(peaks))
+    return float(peaks.sort(descending=True).values[min(allowed, len(peaks) - 1)])
+
+
+def _by_set(items: Sequence[labelled.Labelled]) -> dict[str, list[labelled.Labelled]]:
+    out: dict[str, list[labelled.Labelled]] = {}
+    for item in items:
+        out.setdefault(item.set, []).append(item)
+    return out
 
 
 class _Rollouts:
@@ -284,18 +371,62 @@ def calibrate_safety(
     select = [r for r in roll.run(select_prompts, "harmless", greedy=True) if r.steps]
 
     lap("rollouts")
-    # Cost probe: every boundary text of a rollout carries the rollout's label.
+    answers_fit, answers_select = labelled.shipped("fit"), labelled.shipped("select")
+    # MiniLM probe: every boundary text of a rollout carries the rollout's label; public unsafe
+    # text and the human-labelled answers (their responses alone: it never reads the prompt).
     unsafe_texts = [t for r in fit if r.unsafe for t in r.texts] + public_unsafe_texts("fit")
     safe_texts = [t for r in fit if not r.unsafe for t in r.texts] + list(REFUSALS)
+    unsafe_texts += [a.response for a in answers_fit if a.unsafe]
+    safe_texts += [a.response for a in answers_fit if not a.unsafe]
     weight, bias = fit_probe(
         embedder.embed(unsafe_texts), embedder.embed(safe_texts), l2=config.probe_l2
     )
     probe = ProbeCost(embedder, weight, bias)
     peaks = torch.stack([probe.logits(r.texts).max() for r in select])
-    allowed = int(config.target_search_rate * len(peaks))
-    shift = float(peaks.sort(descending=True).values[min(allowed, len(peaks) - 1)])
+    shift = _operating_shift(peaks, config.target_search_rate)
     probe = ProbeCost(embedder, weight, bias - shift)  # logit 0 (cost 5) = the operating point
+    lap("cost_probe")
 
+    # Latent probe: the same rollouts and public text as (prompt, answer) pairs, and the
+    # labelled answers with their prompts; layers, read and L2 chosen on `select` answers.
+    pairs = [(r.prompt, t, r.unsafe) for r in fit for t in r.texts]
+    pairs += [(p, t, True) for p, t in public_unsafe_pairs("fit")]
+    pairs += [("", t, False) for t in REFUSALS]
+    pairs += [(a.prompt, a.response, a.unsafe) for a in answers_fit]
+    read, layers = config.latent_read, list(config.latent_layers)
+
+    def states(prompts: Sequence[str], texts: Sequence[str]) -> torch.Tensor:
+        return answer_states(
+            lm,
+            prompts,
+            texts,
+            layers,
+            reads=(read,),
+            max_answer_tokens=config.latent_answer_tokens,
+            batch_size=config.batch_size,
+        )[read][:, 0]
+
+    x = states([p for p, _, _ in pairs], [t for _, t, _ in pairs])
+    selects = {
+        name: (
+            states([a.prompt for a in items], [a.response for a in items]),
+            torch.tensor([a.unsafe for a in items]),
+        )
+        for name, items in _by_set(answers_select).items()
+        if 0 < sum(a.unsafe for a in items) < len(items)
+    }
+    candidates = [[layer] for layer in layers] + ([layers] if len(layers) > 1 else [])
+    chosen = fit_latent_probe(
+        (x, torch.tensor([u for _, _, u in pairs])), selects, layers, candidates, config.latent_l2s
+    )
+    latent = LatentCost(lm, chosen.layers, chosen.weight, chosen.bias, read=read)
+    latent_peaks = torch.stack(
+        [latent.logits([r.prompt] * len(r.texts), r.texts).max() for r in select]
+    )
+    latent_shift = _operating_shift(latent_peaks, config.target_search_rate)
+    latent = LatentCost(lm, chosen.layers, chosen.weight, chosen.bias - latent_shift, read=read)
+    default: CostModel = latent if config.cost_model == "latent" else probe
+    lap("latent_cost")
     lap("cost_probe")
     reward = ProxyReward(embedder, lm, config.nll_weight)
     for group in (fit, dev):
@@ -303,13 +434,23 @@ def calibrate_safety(
         for rollout, scores in zip(group, values, strict=True):
             rollout.rewards = scores
 
+    def reading_costs(group: list[Rollout]) -> list[list[float]]:
+        """The default cost model's cost at each reading of each rollout."""
+        if not isinstance(default, LatentCost):
+            return [default.cost([r.prompt] * len(r.steps), r.steps) for r in group]
+        at: list[int | None] = [*sorted({t for r in group for t in r.marks[:-1]}), None]
+        along = default.costs_along([r.prompt for r in group], [r.steps[-1] for r in group], at)
+        return [
+            [float(along[i, at.index(t) if t != len(r.tokens) else -1]) for t in r.marks]
+            for i, r in enumerate(group)
+        ]
+
     def critic_data(
         group: list[Rollout],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Inputs (h, z), the prefix's augmented reward, and the value to estimate."""
         hs, zs, prefix, values = [], [], [], []
-        for rollout in group:
-            costs = probe.cost([rollout.prompt] * len(rollout.steps), rollout.steps)
+        for rollout, costs in zip(group, reading_costs(group), strict=True):
             # The path cost at each reading: the highest stream check so far, or the reading.
             checks = [c if at else -math.inf for c, at in zip(costs, rollout.checked, strict=True)]
             path = [max(m, c) for m, c in zip(accumulate(checks, max), costs, strict=True)]
@@ -335,9 +476,20 @@ def calibrate_safety(
         return round(float((estimate - dev_y).square().mean().sqrt()), 4)
 
     report = {
+        "cost_model": config.cost_model,
         "cost_probe": _probe_report(probe, dev, DEFAULT_BUDGET),
+        "latent_cost": {
+            **_probe_report(latent, dev, DEFAULT_BUDGET),
+            "layers": chosen.layers,
+            "read": read,
+            "l2": chosen.l2,
+            "select_auroc": chosen.select_auroc,
+        },
         "select_harmless_search_rate": round(
             float((COST_SCALE * torch.sigmoid(peaks - shift) > DEFAULT_BUDGET).float().mean()), 4
+        ),
+        "latent_select_harmless_search_rate": round(
+            float((latent_peaks > latent_shift).float().mean()), 4
         ),
         "critic_dev": {  # the value's error: the critic's, the prefix's own score's, the mean's
             "rmse": rmse(predicted),
@@ -363,7 +515,17 @@ def calibrate_safety(
         "stage_seconds": stages,
     }
     (tqdm.write if progress else log.info)(f"cost model and critic: {json.dumps(report)}")
-    return SafetyModels(weight, bias - shift, critic, manifest)
+    return SafetyModels(
+        weight,
+        bias - shift,
+        critic,
+        manifest,
+        latent_weight=chosen.weight,
+        latent_bias=chosen.bias - latent_shift,
+        latent_layers=chosen.layers,
+        latent_read=read,
+        cost_model=config.cost_model,
+    )
 
 
 def _counts(group: list[Rollout]) -> dict[str, int]:
@@ -374,14 +536,14 @@ def _counts(group: list[Rollout]) -> dict[str, int]:
     return out
 
 
-def _probe_report(probe: ProbeCost, dev: list[Rollout], budget: float) -> dict[str, Any]:
+def _probe_report(probe: CostModel, dev: list[Rollout], budget: float) -> dict[str, Any]:
     """Held-aside (`dev`) accuracy: a rollout is flagged when any boundary crosses `budget`."""
     flagged = [max(probe.cost([r.prompt] * len(r.texts), r.texts)) > budget for r in dev]
     labels = [r.unsafe for r in dev]
     unsafe = [f for f, u in zip(flagged, labels, strict=True) if u]
     safe = [f for f, u in zip(flagged, labels, strict=True) if not u]
-    texts_flagged = public_unsafe_texts("dev")
-    public = probe.cost([""] * len(texts_flagged), texts_flagged)
+    pairs = public_unsafe_pairs("dev")
+    public = probe.cost([p for p, _ in pairs], [t for _, t in pairs])
     return {
         "accuracy": round(sum(f == u for f, u in zip(flagged, labels, strict=True)) / len(dev), 4),
         "tpr": round(sum(unsafe) / max(len(unsafe), 1), 4),
@@ -404,6 +566,7 @@ def safety_key(lm: LanguageModel, calibration: Calibration, config: SafetyConfig
                 *datasets.load_many([str(p) for p in datasets.default_harmless()]),
             ]
         ),
+        hashlib.sha256(labelled.SHIPPED.read_bytes()).hexdigest(),
     ]
     digest = hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
     return f"{lm.fingerprint}-safety-{digest}-v{SAFETY_SCHEMA}"
@@ -444,9 +607,10 @@ def load_scorers(
     """The cost model (its scores cached in Redis when a URL is set or in
     `GUARDRAIL_REDIS_URL`, else in memory), the proxy reward and the critic for a worker.
 
-    `cost_model`: None for the calibrated probe; else a transformers sequence-classification
-    model id or path, optionally `:INDEX` (the output read as the cost, default 0). The critic
-    learned the probe's cost scale, so with another cost model the search ranks candidates by
+    `cost_model`: None for the calibrated default (the MiniLM probe), `latent` or `minilm`
+    for either calibrated probe; else a transformers sequence-classification model id or
+    path, optionally `:INDEX` (the output read as the cost, default 0). The critic learned
+    the default's cost scale, so with another cost model the search ranks candidates by
     reward and cost instead."""
     from guardrail.cache.redis_backend import redis_url_from_env
     from guardrail.cache.scores import RedisScores
@@ -454,14 +618,14 @@ def load_scorers(
 
     url = redis_url or redis_url_from_env()
     cache = RedisScores(url) if url else MemoryScores()
-    if cost_model is not None:
+    if cost_model is not None and cost_model not in CALIBRATED_COSTS:
         source, _, index = cost_model.rpartition(":")
         if not index.lstrip("-").isdigit():  # no `:INDEX` (or a path with a colon)
             source, index = cost_model, "0"
         cost = ClassifierCost(source, int(index), 1.0, 0.0)
         return Scorers(CachedCost(cost, cache), ProxyReward(Embedder(), lm), critic=None)
     models = load_or_calibrate_safety(lm, calibration, store=default_store(url), progress=progress)
-    return models.scorers(lm, cache=cache)
+    return models.scorers(lm, cache=cache, cost=cost_model)
 
 
 __all__ = [
@@ -470,6 +634,7 @@ __all__ = [
     "calibrate_safety",
     "load_or_calibrate_safety",
     "load_scorers",
+    "public_unsafe_pairs",
     "public_unsafe_texts",
     "safety_key",
 ]

@@ -237,10 +237,38 @@ def answer_costs(
     """Each response's cost as a served answer is held to a budget: the highest cost of its
     `checked_texts` (a stream stops at the first check over budget, so an answer is within
     budget only if every check is). One cost call for all of them."""
+    from guardrail.latent_cost import state_reader
+
+    if (latent := state_reader(cost)) is not None:
+        return _latent_answer_costs(latent, queries, responses, chunk_tokens)
     groups = [checked_texts(tokenizer, r, chunk_tokens) for r in responses]
     prompts = [q for q, group in zip(queries, groups, strict=True) for _ in group]
     scores = iter(cost.cost(prompts, [t for group in groups for t in group]))
     return [max(float(next(scores)) for _ in group) for group in groups]
+
+
+def _latent_answer_costs(
+    latent: Any, queries: Sequence[str], responses: Sequence[str], chunk_tokens: int
+) -> list[float]:
+    """`answer_costs` for the latent cost model: the states of every chunk boundary of an
+    answer come out of one pass over it (as the worker reads them while decoding), and the
+    stripped answer, where it differs, gets a pass of its own."""
+    tokenizer = latent.lm.tokenizer
+    peaks: list[float] = []
+    for start in range(0, len(responses), 64):  # bounded memory: [64, checks, layers, hidden]
+        group = responses[start : start + 64]
+        longest = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in group)
+        at: list[int | None] = [*range(chunk_tokens, longest, chunk_tokens), None]
+        along = latent.costs_along(queries[start : start + 64], group, at)
+        peaks += along.max(dim=1).values.tolist()
+    stripped = [i for i, r in enumerate(responses) if r.strip() != r]
+    if stripped:
+        again = latent.cost(
+            [queries[i] for i in stripped], [responses[i].strip() for i in stripped]
+        )
+        for i, value in zip(stripped, again, strict=True):
+            peaks[i] = max(peaks[i], value)
+    return [float(v) for v in peaks]
 
 
 __all__ = [

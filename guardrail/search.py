@@ -36,6 +36,7 @@ from typing import Literal
 import torch
 
 from guardrail.critic import Critic
+from guardrail.errors import InputError
 from guardrail.generate import Prefilled, select_rows
 from guardrail.hooks import Steering
 from guardrail.model import LanguageModel
@@ -78,6 +79,18 @@ class Scorers:
     cost: CostModel
     reward: RewardModel | None = None
     critic: Critic | None = None
+    # Other cost models a request may name (a tenant's `cost_model`); the critic learned
+    # `cost`'s scale, so a search under one of these ranks by reward and cost instead.
+    alternatives: dict[str, CostModel] = field(default_factory=dict)
+
+    def for_cost(self, name: str | None) -> Scorers:
+        """These scorers with the named cost model (None: `cost`)."""
+        if name is None or self.alternatives.get(name) is self.cost:
+            return self
+        if name not in self.alternatives:
+            known = ", ".join(sorted(self.alternatives)) or "none"
+            raise InputError(f"unknown cost model {name!r}; this worker has: {known}")
+        return Scorers(self.alternatives[name], self.reward, None, self.alternatives)
 
 
 @dataclass

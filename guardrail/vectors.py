@@ -8,18 +8,16 @@ prefix's tokens: a second source of steering vectors for models that never learn
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from guardrail.gate import Gate, read_weights
 from guardrail.generate import repeat_cache
-from guardrail.hooks import Pooler, Recorder, decoder_layers
+from guardrail.hooks import Pooler, Recorder, decoder_layers, stopped_after
 from guardrail.model import Chat, LanguageModel, Prompt
 
 # Response prefixes written for this project; paired round-robin with harmful prompts.
@@ -41,10 +39,6 @@ COMPLIANCE_PREFIXES = (
 
 def num_layers(lm: LanguageModel) -> int:
     return len(decoder_layers(lm.model))
-
-
-class _Enough(Exception):
-    """Raised by a hook after the last layer a read-out needs: the rest of the pass is skipped."""
 
 
 def shared_prefix(ids: Sequence[Sequence[int]]) -> int:
@@ -108,11 +102,8 @@ def read_states(
     order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
     out = {read: torch.empty(len(prompts), len(wanted), lm.hidden_size) for read in reads}
 
-    def stop(_module: nn.Module, _args: Any, _output: Any) -> None:
-        raise _Enough
-
     def run(input_ids: list[list[int]], mask: torch.Tensor, cache: Any) -> None:
-        with contextlib.suppress(_Enough):
+        with stopped_after(lm.model, max(wanted)):
             lm.model(
                 input_ids=torch.tensor(input_ids, device=lm.device),
                 attention_mask=mask.to(lm.device),
@@ -123,26 +114,22 @@ def read_states(
             )
 
     with pooler.applied(lm.model):
-        last = decoder_layers(lm.model)[max(wanted)].register_forward_hook(stop)
-        try:
-            prefix = DynamicCache(config=lm.model.config)
-            if shared:
-                pooler.weights = {}
-                run([ids[0][:shared]], torch.ones(1, shared, dtype=torch.long), prefix)
-            for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None):
-                rows = order[start : start + batch_size]
-                tails = [ids[i][shared:] for i in rows]
-                width = max(map(len, tails))
-                mask = torch.tensor(
-                    [[1] * shared + [0] * (width - len(t)) + [1] * len(t) for t in tails]
-                )
-                padded = [[pad] * (width - len(t)) + t for t in tails]
-                pooler.weights = read_weights([prompts[i] for i in rows], reads, width, shared)
-                run(padded, mask, repeat_cache(prefix, len(rows)))
-                for read, states in pooler.stacked(wanted).items():
-                    out[read][rows] = states.float().cpu()
-        finally:
-            last.remove()
+        prefix = DynamicCache(config=lm.model.config)
+        if shared:
+            pooler.weights = {}
+            run([ids[0][:shared]], torch.ones(1, shared, dtype=torch.long), prefix)
+        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None):
+            rows = order[start : start + batch_size]
+            tails = [ids[i][shared:] for i in rows]
+            width = max(map(len, tails))
+            mask = torch.tensor(
+                [[1] * shared + [0] * (width - len(t)) + [1] * len(t) for t in tails]
+            )
+            padded = [[pad] * (width - len(t)) + t for t in tails]
+            pooler.weights = read_weights([prompts[i] for i in rows], reads, width, shared)
+            run(padded, mask, repeat_cache(prefix, len(rows)))
+            for read, states in pooler.stacked(wanted).items():
+                out[read][rows] = states.float().cpu()
     return out
 
 

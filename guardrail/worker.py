@@ -22,11 +22,16 @@ that receives released text chunks and the final `Answer`, get a `Ticket` to can
 
 4. check: before a chunk is released, the cost model scores the answer so far (every row due
    in this step in one call); a chunk that would take a row over its budget is never
-   released. The row leaves the batch for the search lane (InferenceGuard, continuing from
-   the last prefix within budget), or ends with the refusal text when the tenant has no
-   search. Searches advance one forward pass per loop turn, between the decode steps of
-   everyone else, so a slow search never stalls the batch. The refusal text's own cost is
-   checked too; one over budget is replaced by an empty answer.
+   released. The latent cost model reads the states the decode steps already computed (a
+   hook keeps each row's running sum at its layers), so a chunk is checked one step after
+   its last token, once the model has read it (an answer at its token limit waits one step
+   for that); text it cannot read that way (a stop-string cut, a steered row, a search's
+   answer) is run through the model. A row over budget leaves the batch for the search
+   lane (InferenceGuard, continuing from the last prefix within budget), or ends with the
+   refusal text when the tenant has no search. Searches advance one forward pass per loop
+   turn, between the decode steps of everyone else, so a slow search never stalls the
+   batch. The refusal text's own cost is checked too; one over budget is replaced by an
+   empty answer.
 
 A broken cost model fails closed for the rows it was scoring, never for the batch.
 
@@ -38,6 +43,7 @@ the process ("terminate called without an active exception", exit status 134).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import queue
 import threading
@@ -63,7 +69,8 @@ from guardrail.generate import (
     prefill,
     select_rows,
 )
-from guardrail.hooks import Pooler, Steering
+from guardrail.hooks import Pooler, Recorder, Steering
+from guardrail.latent_cost import state_reader
 from guardrail.model import Chat, LanguageModel, Prompt
 from guardrail.scoring import cost_query
 from guardrail.search import Scorers, SearchResult, SearchSettings, search
@@ -96,6 +103,7 @@ class Request:
     # would exceed it continues in `search` (None: the refusal text instead).
     budget: float | None = None
     search: SearchSettings | None = None
+    cost_model: str | None = None  # one of the worker's `Scorers.alternatives`; None: its own
 
 
 class Sink(Protocol):
@@ -154,6 +162,15 @@ class _Job:
     finished: bool = False
     query: str = ""  # what the cost model reads as the prompt: the last user message
     searched: bool = False
+    # The latent cost model's layers at the last token fed to the model (`mean`: summed over
+    # the answer's tokens), and how many answer tokens that is: a check of exactly those
+    # tokens reads them instead of a forward pass.
+    state: torch.Tensor | None = None
+    state_tokens: int = -1
+    scorers: Scorers | None = None  # the worker's, with the request's cost model
+    # At its token limit, waiting one decode step for the model to read its last token, so
+    # that the final check reads states rather than running the answer through the model.
+    reading_last: bool = False
 
 
 @dataclass
@@ -215,6 +232,8 @@ class LocalWorker:
         self._eos = set(lm.eos_token_ids)
         self._calibrated_steering = calibration.steering if calibration else None
         self._vectors: dict[SteeringSetting, dict[int, torch.Tensor]] = {}
+        self._latent = state_reader(scorers.cost) if scorers else None
+        self._latent_cost = scorers.cost if scorers else None  # what `_latent` sits behind
         self._thread = threading.Thread(target=self._run, name="guardrail-worker", daemon=True)
         _LIVE_WORKERS.add(self)
         if start:
@@ -235,6 +254,10 @@ class LocalWorker:
     def submit(self, request: Request, sink: Sink) -> Ticket:
         if request.budget is not None and self.scorers is None:
             raise InputError("this request has a safety budget, but the worker has no cost model")
+        if request.cost_model is not None:
+            if self.scorers is None:
+                raise InputError("this request names a cost model, but the worker has none")
+            self.scorers.for_cost(request.cost_model)  # an unknown name fails here, clearly
         if request.guarded:
             if self.calibration is None:
                 raise InputError("guarded requests need a calibration; this worker has none")
@@ -348,6 +371,8 @@ class LocalWorker:
             job.rendered = lm.prompt(job.request.chat, job.request.response_prefix)
             job.prompt = job.rendered.text
             job.query = cost_query(job.request.chat)
+            if self.scorers is not None:
+                job.scorers = self.scorers.for_cost(job.request.cost_model)
             job.admitted = started
             n = job.rendered.end
             limit = job.request.max_input_tokens
@@ -453,14 +478,18 @@ class LocalWorker:
                 self._cancelled(job)
             elif self._expired(job):
                 self._timeout(job)
-            elif token in self._eos:
+            elif token in self._eos or job.reading_last:  # (the token after the limit is unused)
                 due.append((row, job, True))
             else:
                 job.tokens.append(int(token))
-                if len(job.tokens) >= job.request.sampling.max_new_tokens or self._stopped(job):
+                at_limit = len(job.tokens) >= job.request.sampling.max_new_tokens
+                if at_limit and not job.coefficient and self._reads_states(job):
+                    job.reading_last = True
+                    keep.append(row)
+                elif at_limit or self._stopped(job):
                     due.append((row, job, True))
-                elif len(job.tokens) - job.released_tokens >= self.chunk_tokens:
-                    due.append((row, job, False))
+                elif len(job.tokens) - 1 - job.released_tokens >= self.chunk_tokens:
+                    due.append((row, job, False))  # up to the newest token, which waits
                 else:
                     keep.append(row)
         passed = self._release([(job, final) for _, job, final in due])
@@ -475,11 +504,21 @@ class LocalWorker:
             picked = picked[keep]
             jobs = [jobs[i] for i in keep]
         self._jobs = jobs
-        if any(job.coefficient for job in jobs):
-            with self._steering(jobs).applied(self.lm.model):
-                self._state = decode_step(self.lm, state, picked)
-        else:
+        steering = self._steering(jobs) if any(j.coefficient for j in jobs) else None
+        reader = self._latent if any(self._reads_states(j) for j in jobs) else None
+        recorder = Recorder(reader.layers if reader else [])
+        with (
+            recorder.applied(self.lm.model),
+            steering.applied(self.lm.model) if steering else contextlib.nullcontext(),
+        ):
             self._state = decode_step(self.lm, state, picked)
+        if reader is not None:
+            states = torch.stack([recorder.states[layer] for layer in reader.layers], dim=1)
+            mean = reader.read == "mean"
+            for job, row_state in zip(jobs, states, strict=True):
+                if mean and job.state is not None:
+                    row_state = job.state + row_state  # the sum over the answer's tokens
+                job.state, job.state_tokens = row_state, len(job.tokens)
 
     def _steering(self, jobs: list[_Job]) -> Steering:
         """Each row's own steering vectors (its tenant's setting) on the union of their layers;
@@ -506,21 +545,21 @@ class LocalWorker:
 
     # --- row outcomes --------------------------------------------------------------------------
 
-    def _text(self, job: _Job, *, final: bool) -> str:
-        """The answer so far: cut before a stop sequence, and (mid-answer) holding back a
-        split character or what may be the start of a stop sequence."""
-        text = str(self.lm.tokenizer.decode(job.tokens, skip_special_tokens=True))
-        if not final:
-            text = text.rstrip("\ufffd")  # a character split across tokens waits for the rest
+    def _text(self, job: _Job, upto: int, *, final: bool) -> tuple[str, bool]:
+        """The answer's first `upto` tokens as text: cut before a stop sequence, and (mid-
+        answer) holding back a split character or what may be the start of a stop sequence;
+        and whether that is all of those tokens' text (so their state is the text's state)."""
+        whole = str(self.lm.tokenizer.decode(job.tokens[:upto], skip_special_tokens=True))
+        text = whole if final else whole.rstrip("\ufffd")  # a split character waits
         stops = job.request.stop
         if stops:
             cut = min((i for s in stops if (i := text.find(s)) >= 0), default=-1)
             if cut >= 0:
-                return text[:cut]
-            if not final:
+                text = text[:cut]
+            elif not final:
                 keep = len(text) - max(len(s) for s in stops) + 1
                 text = text[: max(keep, len(job.released_text))]
-        return text
+        return text, text == whole
 
     def _stopped(self, job: _Job) -> bool:
         """Whether the newest token completed a stop sequence. Earlier steps checked the text
@@ -543,7 +582,15 @@ class LocalWorker:
         """Check each row's answer so far against its budget (one cost call for all) and
         release what passes; `final` rows also finish. A row over budget goes to search, or
         ends with the refusal text. Returns, per row, whether it passed."""
-        texts = [self._text(job, final=final) for job, final in due]
+        ends = [len(job.tokens) if final else len(job.tokens) - 1 for job, final in due]
+        read = [self._text(job, n, final=final) for (job, final), n in zip(due, ends, strict=True)]
+        texts = [text for text, _ in read]
+        states = [
+            job.state
+            if exact and n == job.state_tokens and not job.coefficient and self._reads_states(job)
+            else None
+            for (job, _), (_, exact), n in zip(due, read, ends, strict=True)
+        ]
         # A final answer is returned stripped: when that changes it, both are checked.
         extra = [
             i
@@ -552,18 +599,20 @@ class LocalWorker:
         ]
         jobs = [job for job, _ in due]
         costs = self._costs(
-            jobs + [jobs[i] for i in extra], texts + [texts[i].strip() for i in extra]
+            jobs + [jobs[i] for i in extra],
+            texts + [texts[i].strip() for i in extra],
+            states + [None] * len(extra),
         )
         for n, i in enumerate(extra):
             first, second = costs[i], costs[len(due) + n]
             costs[i] = None if first is None or second is None else max(first, second)
         passed = []
-        for (job, final), text, cost in zip(due, texts, costs[: len(due)], strict=True):
+        for (job, final), text, cost, end in zip(due, texts, costs[: len(due)], ends, strict=True):
             assert job.decision is not None
             budget = job.request.budget
             if budget is not None and (cost is None or cost > budget):
                 passed.append(False)
-                searchable = self.scorers is not None and self.scorers.reward is not None
+                searchable = self.scorers is not None and self._scorers(job).reward is not None
                 if cost is not None and job.request.search and searchable and not job.searched:
                     self._start_search(job)
                 else:
@@ -571,7 +620,7 @@ class LocalWorker:
                 continue
             passed.append(True)
             chunk = text[len(job.released_text) :]
-            job.released_tokens, job.released_text = len(job.tokens), text
+            job.released_tokens, job.released_text = end, text
             job.decision.cost = cost
             if chunk:
                 self._emit(job, chunk)
@@ -580,26 +629,62 @@ class LocalWorker:
                 self._finish(job, job.released_text.strip(), refusal=False)
         return passed
 
-    def _costs(self, jobs: list[_Job], texts: list[str]) -> list[float | None]:
+    def _costs(
+        self,
+        jobs: list[_Job],
+        texts: list[str],
+        states: list[torch.Tensor | None] | None = None,
+    ) -> list[float | None]:
         """The cost of each text for its row (None: no budget, or the cost model failed for
-        it). One batched call; if it fails, row by row, so one bad input fails only itself."""
+        it). A row with the latent cost model's `states` of exactly that text is scored from
+        them; the rest in one batched call, and if that fails row by row, so one bad input
+        fails only itself."""
         rows = [i for i, job in enumerate(jobs) if job.request.budget is not None]
         out: list[float | None] = [None] * len(jobs)
         if not rows or self.scorers is None:
             return out
-        cost = self.scorers.cost
-        try:
-            values = cost.cost([jobs[i].query for i in rows], [texts[i] for i in rows])
-            for i, value in zip(rows, values, strict=True):
-                out[i] = float(value)
-        except Exception:
-            log.exception("the cost model failed on a batch; scoring its rows one by one")
-            for i in rows:
+        if self._latent is not None and states is not None:
+            read = {i: state for i in rows if (state := states[i]) is not None}
+            if read and self._latent.read == "mean":
+                read = {i: state / jobs[i].state_tokens for i, state in read.items()}
+            if read:
                 try:
-                    out[i] = float(cost.cost([jobs[i].query], [texts[i]])[0])
+                    values = self._latent.cost_of_states(torch.stack(list(read.values())))
+                    for i, value in zip(read, values, strict=True):
+                        out[i] = value
                 except Exception:
-                    log.exception("the cost model failed for a row; it fails closed")
+                    log.exception("the latent cost model failed on states; its rows fail closed")
+                rows = [i for i in rows if i not in read]
+        by_model: dict[int, list[int]] = {}
+        for i in rows:
+            by_model.setdefault(id(self._scorers(jobs[i]).cost), []).append(i)
+        for group in by_model.values():
+            cost = self._scorers(jobs[group[0]]).cost
+            try:
+                values = cost.cost([jobs[i].query for i in group], [texts[i] for i in group])
+                for i, value in zip(group, values, strict=True):
+                    out[i] = float(value)
+            except Exception:
+                log.exception("the cost model failed on a batch; scoring its rows one by one")
+                for i in group:
+                    try:
+                        out[i] = float(cost.cost([jobs[i].query], [texts[i]])[0])
+                    except Exception:
+                        log.exception("the cost model failed for a row; it fails closed")
         return out
+
+    def _scorers(self, job: _Job) -> Scorers:
+        assert self.scorers is not None
+        return job.scorers or self.scorers
+
+    def _reads_states(self, job: _Job) -> bool:
+        """Whether the row's checks can read the decode states: it has a budget, and its cost
+        model is the worker's own latent one."""
+        return (
+            job.request.budget is not None
+            and self._latent is not None
+            and self._scorers(job).cost is self._latent_cost
+        )
 
     def _refuse(self, job: _Job, reason: str | None = None) -> None:
         """End with the refusal text, after checking its own cost: a refusal over budget (or
@@ -623,12 +708,14 @@ class LocalWorker:
     def _start_search(self, job: _Job) -> None:
         """Continue the row in InferenceGuard search from its last prefix within budget."""
         assert job.decision is not None and job.request.search is not None
-        assert self.scorers is not None and job.request.budget is not None
+        assert job.request.budget is not None
+        scorers = self._scorers(job)
         job.decision.path = "search"
         job.searched = True
+        job.state, job.state_tokens = None, -1  # the search's answer is scored by text
         self.stats.searches += 1
         settings = job.request.search
-        if settings.score == "critic" and self.scorers.critic is None:
+        if settings.score == "critic" and scorers.critic is None:
             settings = replace(settings, score="augmented")
         settings = replace(settings, check=self.chunk_tokens)  # checked as the stream is
         steering = None
@@ -641,7 +728,7 @@ class LocalWorker:
             self.lm,
             job.prompt,
             job.query,
-            self.scorers,
+            scorers,
             settings,
             budget=job.request.budget,
             max_new_tokens=max(left, 1),
