@@ -17,7 +17,7 @@ install: .venv/bin/python
 install-test: install
 	$(PIP) install -q -e ".[test]"
 
-# Main job: answer examples/prompts.jsonl on the embedded default (calibrates once, about 15 min).
+# Main job: answer examples/prompts.jsonl on the embedded default (calibrates once, about 25 min).
 demo: install
 	.venv/bin/guardrail batch examples/prompts.jsonl --out answers.jsonl
 	$(PY) examples/show_answers.py answers.jsonl
