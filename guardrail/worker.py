@@ -233,7 +233,6 @@ class LocalWorker:
         self._calibrated_steering = calibration.steering if calibration else None
         self._vectors: dict[SteeringSetting, dict[int, torch.Tensor]] = {}
         self._latent = state_reader(scorers.cost) if scorers else None
-        self._latent_cost = scorers.cost if scorers else None  # what `_latent` sits behind
         self._thread = threading.Thread(target=self._run, name="guardrail-worker", daemon=True)
         _LIVE_WORKERS.add(self)
         if start:
@@ -683,7 +682,8 @@ class LocalWorker:
         return (
             job.request.budget is not None
             and self._latent is not None
-            and self._scorers(job).cost is self._latent_cost
+            and self.scorers is not None
+            and self._scorers(job).cost is self.scorers.cost
         )
 
     def _refuse(self, job: _Job, reason: str | None = None) -> None:
