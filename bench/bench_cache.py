@@ -11,7 +11,7 @@ Part 2 replays a repeated workload (requests drawn with a skew from a pool of di
 prompt-answer pairs) through a batched scorer behind each score-cache backend and reports
 the hit rate and the scoring time against no cache. The scorer is the calibrated probe read
 on the answer text, a stand-in with the cost of a real forward pass; the served cost model
-(`guardrail.scoring.CachedCost`) sits behind the same `CachedScorer`.
+(`guardrail.budget.scoring.CachedCost`) sits behind the same `CachedScorer`.
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ from guardrail.cache import (
     RedisStore,
     TieredStore,
 )
-from guardrail.calibrate import load_or_calibrate
-from guardrail.guard import Guard
-from guardrail.model import EMBEDDED_DEFAULT, load_model
+from guardrail.calibrate.store import load_or_calibrate
+from guardrail.runtime.model import EMBEDDED_DEFAULT, load_model
+from guardrail.serve.guard import Guard
 
 
 def start_worker(model: str, store: Any) -> tuple[float, Any, Any]:
@@ -89,7 +89,7 @@ def main() -> None:
         gate = calibration.gate
 
         def probe(texts: Sequence[str]) -> list[list[float]]:
-            from guardrail.vectors import gate_scores
+            from guardrail.gate.vectors import gate_scores
 
             return [[float(s)] for s in gate_scores(lm, gate, texts)]
 

@@ -30,8 +30,9 @@ import openai
 
 from bench_server import serve
 from common import advbench_test, alpaca_test, setup, table
-from guardrail.guard import Guard, TenantPolicy
-from guardrail.search import SearchSettings
+from guardrail.budget.search import SearchSettings
+from guardrail.serve.guard import Guard
+from guardrail.tenants.store import TenantPolicy
 
 DEADLINE = 20.0
 

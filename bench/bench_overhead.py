@@ -20,9 +20,10 @@ import time
 from typing import Any
 
 from common import advbench_test, alpaca_test, setup, table
-from guardrail.guard import Guard, TenantPolicy
-from guardrail.safety import load_scorers
-from guardrail.worker import LocalWorker
+from guardrail.calibrate.store import load_scorers
+from guardrail.serve.guard import Guard
+from guardrail.serve.worker import LocalWorker
+from guardrail.tenants.store import TenantPolicy
 
 
 async def answer_all(guard: Guard, prompts: list[str], guarded: bool, tokens: int) -> list[Any]:

@@ -28,9 +28,10 @@ from collections import Counter
 from typing import Any
 
 from common import advbench_test, alpaca_test, setup, table
-from guardrail.guard import Guard, TenantPolicy
-from guardrail.ray_backend import RayWorker
-from guardrail.worker import LocalWorker
+from guardrail.serve.guard import Guard
+from guardrail.serve.ray import RayWorker
+from guardrail.serve.worker import LocalWorker
+from guardrail.tenants.store import TenantPolicy
 
 GUARDED_PATHS = {"plain", "steered", "refused", "timeout"}
 

@@ -40,14 +40,13 @@ from typing import Any
 import torch
 
 from common import advbench_test, alpaca_test, malicious_instruct, setup, table
-from guardrail.calibrate import default_store
-from guardrail.engine import DEFAULT_REFUSAL, steered_generate
-from guardrail.generate import Sampling, decode, prefill
-from guardrail.guard import Guard
-from guardrail.judge import is_refusal
-from guardrail.safety import load_or_calibrate_safety
-from guardrail.scoring import DEFAULT_BUDGET
-from guardrail.search import SearchSettings, path_cost, run, search
+from guardrail.budget.scoring import DEFAULT_BUDGET
+from guardrail.budget.search import SearchSettings, path_cost, run, search
+from guardrail.calibrate.judge import is_refusal
+from guardrail.calibrate.store import default_store, load_or_calibrate_safety
+from guardrail.decision import DEFAULT_REFUSAL
+from guardrail.runtime.forward import Sampling, decode, prefill, steered_generate
+from guardrail.serve.guard import Guard
 
 
 def methods(args: argparse.Namespace) -> dict[str, SearchSettings | str]:

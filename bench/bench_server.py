@@ -29,8 +29,8 @@ import openai
 import uvicorn
 
 from common import setup, table
-from guardrail.guard import Guard
-from guardrail.server import ApiKeys, create_app
+from guardrail.serve.guard import Guard
+from guardrail.serve.http import ApiKeys, create_app
 
 PROMPTS = [
     json.loads(line)["prompt"]

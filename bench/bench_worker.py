@@ -33,23 +33,23 @@ from typing import Any
 import torch
 
 from common import table
-from guardrail import datasets
-from guardrail.calibration import Calibration, SteeringSetting
-from guardrail.engine import GuardedGenerator
-from guardrail.gate import Gate
-from guardrail.generate import Sampling
-from guardrail.guard import Guard
-from guardrail.vectors import last_token_states, num_layers
-from guardrail.worker import LocalWorker
+from guardrail.calibrate import datasets
+from guardrail.gate.artifact import Calibration, SteeringSetting
+from guardrail.gate.readout import Gate
+from guardrail.gate.vectors import last_token_states, num_layers
+from guardrail.runtime.forward import Sampling
+from guardrail.serve.engine import GuardedGenerator
+from guardrail.serve.guard import Guard
+from guardrail.serve.worker import LocalWorker
 
 
 def load(kind: str) -> tuple[Any, Calibration, str]:
-    from guardrail.model import load_model, wrap_model
+    from guardrail.runtime.model import load_model, wrap_model
 
     if kind == "tiny":
         from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-        from guardrail.embedded import embedded_model_dir
+        from guardrail.runtime.embedded import embedded_model_dir
 
         tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
         torch.manual_seed(0)
@@ -66,7 +66,7 @@ def load(kind: str) -> tuple[Any, Calibration, str]:
     else:
         lm = load_model()
         from guardrail.cache.artifacts import DirectoryStore
-        from guardrail.model import cache_root
+        from guardrail.runtime.paths import cache_root
 
         store = DirectoryStore(cache_root() / "artifacts")
         for folder in sorted(store.root.glob(f"{lm.fingerprint}-*")):

@@ -27,13 +27,13 @@ def shared(*parts: str) -> Path:
 
 
 def advbench_test() -> list[str]:
-    from guardrail import datasets
+    from guardrail.calibrate import datasets
 
     return datasets.take_split(datasets.load_prompts(datasets.advbench()), "test")
 
 
 def malicious_instruct() -> list[str]:
-    from guardrail import datasets
+    from guardrail.calibrate import datasets
 
     return datasets.load_prompts(shared("malicious_instruct", "MaliciousInstruct.txt"))
 
@@ -48,8 +48,8 @@ def alpaca_test(n: int | None = None, seed: int = 0) -> list[str]:
 
 def setup() -> tuple[Any, Any]:
     """The embedded model and its calibration (made on first use, then read from the store)."""
-    from guardrail.calibrate import load_or_calibrate
-    from guardrail.model import EMBEDDED_DEFAULT, load_model
+    from guardrail.calibrate.store import load_or_calibrate
+    from guardrail.runtime.model import EMBEDDED_DEFAULT, load_model
 
     lm = load_model(EMBEDDED_DEFAULT)
     return lm, load_or_calibrate(lm)

@@ -25,11 +25,12 @@ from typing import Any
 import torch
 
 from common import setup, table
-from guardrail import labelled
-from guardrail.gate import auroc
-from guardrail.latent_cost import answer_states
-from guardrail.safety import load_or_calibrate_safety
-from guardrail.scoring import DEFAULT_BUDGET, answer_costs
+from guardrail.budget.checks import answer_costs
+from guardrail.budget.latent import answer_states
+from guardrail.budget.scoring import DEFAULT_BUDGET
+from guardrail.calibrate import labelled
+from guardrail.calibrate.store import load_or_calibrate_safety
+from guardrail.probes import auroc
 
 
 def sample(name: str, n: int) -> list[labelled.Labelled]:

@@ -18,12 +18,14 @@ import asyncio
 from typing import Any
 
 from common import advbench_test, malicious_instruct, setup, table
-from guardrail.guard import Guard, TenantPolicy
-from guardrail.judge import is_refusal
-from guardrail.safety import load_scorers
-from guardrail.scoring import DEFAULT_BUDGET, answer_costs
-from guardrail.search import SearchSettings
-from guardrail.worker import LocalWorker
+from guardrail.budget.checks import answer_costs
+from guardrail.budget.scoring import DEFAULT_BUDGET
+from guardrail.budget.search import SearchSettings
+from guardrail.calibrate.judge import is_refusal
+from guardrail.calibrate.store import load_scorers
+from guardrail.serve.guard import Guard
+from guardrail.serve.worker import LocalWorker
+from guardrail.tenants.store import TenantPolicy
 
 COSTS = ("latent", "minilm")
 

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from common import advbench_test, alpaca_test, malicious_instruct, shared, table
-from guardrail import datasets
-from guardrail.judge import is_refusal
+from guardrail.calibrate import datasets
+from guardrail.calibrate.judge import is_refusal
 
 SEEN_FAMILIES = ("roleplay", "prefix_injection")
 

@@ -17,12 +17,12 @@ import json
 from typing import Any
 
 from common import advbench_test, alpaca_test, malicious_instruct, setup, table
-from guardrail import datasets
-from guardrail.engine import GuardedGenerator
-from guardrail.gate import READS
-from guardrail.generate import Sampling
-from guardrail.judge import fluency, is_refusal
-from guardrail.vectors import read_states
+from guardrail.calibrate import datasets
+from guardrail.calibrate.judge import fluency, is_refusal
+from guardrail.gate.readout import READS
+from guardrail.gate.vectors import read_states
+from guardrail.runtime.forward import Sampling
+from guardrail.serve.engine import GuardedGenerator
 
 
 def states(lm: Any, prompts: list[Any]) -> Any:

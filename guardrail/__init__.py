@@ -9,15 +9,20 @@ __version__ = "0.1.0"
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from guardrail.guard import Guard, GuardResult, TenantPolicy
+    from guardrail.serve.guard import Guard, GuardResult
+    from guardrail.tenants.store import TenantPolicy
 
 
 def __getattr__(name: str) -> Any:
     """`guardrail.Guard` without importing torch on `import guardrail` (the CLI starts fast)."""
-    if name in ("Guard", "GuardResult", "TenantPolicy"):
-        from guardrail import guard
+    if name in ("Guard", "GuardResult"):
+        from guardrail.serve import guard
 
         return getattr(guard, name)
+    if name == "TenantPolicy":
+        from guardrail.tenants.store import TenantPolicy
+
+        return TenantPolicy
     raise AttributeError(f"module 'guardrail' has no attribute {name!r}")
 
 

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 from guardrail.errors import GuardrailError, InputError
 
 if TYPE_CHECKING:
-    from guardrail.engine import GuardedGenerator
-    from guardrail.generate import Sampling
+    from guardrail.runtime.forward import Sampling
+    from guardrail.serve.engine import GuardedGenerator
 
 BATCH_FORMAT = """\
 IN.jsonl: one JSON object per line with "id" and "prompt" (a string, or a list of
@@ -314,9 +314,10 @@ def _write_atomically(path: Path, lines: Sequence[str]) -> None:
 
 
 def _generator(args: argparse.Namespace) -> GuardedGenerator:
-    from guardrail.calibrate import CalibrationConfig, default_store, load_or_calibrate
-    from guardrail.engine import GuardedGenerator
-    from guardrail.model import EMBEDDED_DEFAULT, load_model
+    from guardrail.calibrate.gate import CalibrationConfig
+    from guardrail.calibrate.store import default_store, load_or_calibrate
+    from guardrail.runtime.model import EMBEDDED_DEFAULT, load_model
+    from guardrail.serve.engine import GuardedGenerator
 
     lm = load_model(args.model or EMBEDDED_DEFAULT)
     calibration = None
@@ -340,7 +341,7 @@ def _scorers(args: argparse.Namespace, generator: GuardedGenerator) -> Any:
     """The calibrated cost model, reward and critic (calibrated once, like the gate)."""
     if generator.calibration is None:
         return None
-    from guardrail.safety import load_scorers
+    from guardrail.calibrate.store import load_scorers
 
     return load_scorers(
         generator.lm,
@@ -365,9 +366,9 @@ def _guard(
     the whole input, so a batch file never meets backpressure. `start=False` leaves the
     worker's thread unstarted, for a run that only reads its policies and cost model.
     """
-    from guardrail.guard import Guard, TenantPolicy
-    from guardrail.tenants import PolicyStore
-    from guardrail.worker import LocalWorker
+    from guardrail.serve.guard import Guard
+    from guardrail.serve.worker import LocalWorker
+    from guardrail.tenants.store import PolicyStore, TenantPolicy
 
     policies: Any
     on_fire = getattr(args, "on_fire", None)
@@ -438,7 +439,7 @@ def _answer_all(
 
 
 def _sampling(args: argparse.Namespace) -> Sampling:
-    from guardrail.generate import Sampling
+    from guardrail.runtime.forward import Sampling
 
     try:
         return Sampling(
@@ -473,7 +474,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     elif args.command == "key":
         import secrets
 
-        from guardrail.server import hash_key
+        from guardrail.serve.http import hash_key
 
         key = f"gr-{secrets.token_urlsafe(32)}"
         print(f"key (give it to the tenant; it is not stored): {key}")
@@ -481,8 +482,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     elif args.command == "serve":
         return _serve(args)
     elif args.command == "calibrate":
-        from guardrail.calibrate import default_store
-        from guardrail.safety import load_or_calibrate_safety
+        from guardrail.calibrate.store import default_store, load_or_calibrate_safety
 
         generator = _generator(args)
         calibration = generator.calibration
@@ -573,8 +573,8 @@ def _score(args: argparse.Namespace) -> int:
     model and tenant policy `batch` would use; OUT is written only when every row is scored."""
     from tqdm.auto import tqdm
 
-    from guardrail.generate import Sampling
-    from guardrail.scoring import answer_costs, cost_query
+    from guardrail.budget.checks import answer_costs, cost_query
+    from guardrail.runtime.forward import Sampling
 
     records = read_requests(args.input, responses=True)  # validate before loading anything
     guard = _guard(args, Sampling(), start=False)  # nothing is generated: never started
@@ -613,9 +613,9 @@ def _score(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from guardrail.guard import Guard
-    from guardrail.server import API_KEYS_ENV, ApiKeys, create_app
-    from guardrail.tenants import PolicyStore
+    from guardrail.serve.guard import Guard
+    from guardrail.serve.http import API_KEYS_ENV, ApiKeys, create_app
+    from guardrail.tenants.store import PolicyStore
 
     keys = ApiKeys.from_file(args.keys) if args.keys else ApiKeys.from_env()
     if not len(keys):
@@ -637,7 +637,7 @@ def _serve(args: argparse.Namespace) -> int:
         guard.policy(tenant)
     tracing = None
     if args.otel:
-        from guardrail.tracing import Tracing, console_provider
+        from guardrail.serve.tracing import Tracing, console_provider
 
         tracing = Tracing(console_provider())
     app = create_app(guard, keys, model_id=model_id, tracing=tracing)
@@ -656,13 +656,13 @@ def _ray_guard(args: argparse.Namespace, policies: Any) -> tuple[Any, str]:
     if args.replicas < 1:
         raise InputError(f"--replicas must be >= 1, got {args.replicas}")
     try:
-        from guardrail.ray_backend import RayWorker
+        from guardrail.serve.ray import RayWorker
     except ImportError as exc:
         raise InputError(
             f"--backend ray needs Ray Serve: pip install 'guardrail[ray]' ({exc})"
         ) from exc
-    from guardrail.guard import Guard
-    from guardrail.model import EMBEDDED_DEFAULT
+    from guardrail.runtime.model import EMBEDDED_DEFAULT
+    from guardrail.serve.guard import Guard
 
     worker = RayWorker(
         replicas=args.replicas,
@@ -675,7 +675,7 @@ def _ray_guard(args: argparse.Namespace, policies: Any) -> tuple[Any, str]:
 
 
 def _policy_command(args: argparse.Namespace) -> int:
-    from guardrail.policy import Policy, check_policies
+    from guardrail.tenants.schema import Policy, check_policies
 
     if args.policy_command == "schema":
         print(json.dumps(Policy.model_json_schema(), indent=2))

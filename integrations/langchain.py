@@ -44,10 +44,10 @@ from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field, SecretStr
 
-from guardrail.engine import Answer
+from guardrail.decision import Answer
 from guardrail.errors import InputError, OverloadedError
-from guardrail.guard import Guard
-from guardrail.tool_format import render_tool_call, with_tools
+from guardrail.serve.guard import Guard
+from guardrail.tools import render_tool_call, with_tools
 
 EMBEDDED = "embedded"
 _GUARDS: dict[tuple[str, str | None, str | None], Guard] = {}
@@ -62,7 +62,7 @@ def shared_guard(model: str, policies: str | None, redis_url: str | None) -> Gua
     with _GUARDS_LOCK:
         guard = _GUARDS.get(key)
         if guard is None:
-            from guardrail.model import EMBEDDED_DEFAULT, load_model
+            from guardrail.runtime.model import EMBEDDED_DEFAULT, load_model
 
             lm = load_model(EMBEDDED_DEFAULT if model == EMBEDDED else model)
             guard = Guard(lm, policies=policies, redis_url=redis_url)

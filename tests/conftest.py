@@ -30,7 +30,7 @@ def _session_home() -> Path:
 
     `GUARDRAIL_TEST_HOME=DIR` reuses DIR instead (its calibration too): a shortcut for local
     iteration only; CI never sets it, so CI always calibrates from scratch."""
-    from guardrail.model import cache_root
+    from guardrail.runtime.paths import cache_root
 
     reuse = os.environ.get("GUARDRAIL_TEST_HOME")
     if reuse:
@@ -77,7 +77,7 @@ def alpaca_test(n: int, seed: int = 0) -> list[str]:
 
 @pytest.fixture(scope="session")
 def lm() -> Any:
-    from guardrail.model import EMBEDDED_DEFAULT, load_model
+    from guardrail.runtime.model import EMBEDDED_DEFAULT, load_model
 
     return load_model(EMBEDDED_DEFAULT)
 
@@ -86,7 +86,7 @@ def lm() -> Any:
 def calibration(lm: Any) -> Any:
     """One full calibration of the embedded default with the shipped data, into the session's
     fresh default store (where the CLI finds it too)."""
-    from guardrail.calibrate import load_or_calibrate
+    from guardrail.calibrate.store import load_or_calibrate
 
     return load_or_calibrate(lm, progress=False)
 
@@ -95,7 +95,7 @@ def calibration(lm: Any) -> Any:
 def scorers(lm: Any, calibration: Any) -> Any:
     """The calibrated cost probe, proxy reward and critic (calibrated once per session, into
     the same store, so every Guard of the session loads them)."""
-    from guardrail.safety import load_scorers
+    from guardrail.calibrate.store import load_scorers
 
     return load_scorers(lm, calibration)
 
@@ -109,8 +109,8 @@ def _tiny(kind: str) -> Any:
         LlamaForCausalLM,
     )
 
-    from guardrail.embedded import embedded_model_dir
-    from guardrail.model import wrap_model
+    from guardrail.runtime.embedded import embedded_model_dir
+    from guardrail.runtime.model import wrap_model
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
     torch.manual_seed(0)

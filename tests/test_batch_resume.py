@@ -51,7 +51,7 @@ class _Counting:
     answers (counted from the last `start()`)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        from guardrail.guard import Guard
+        from guardrail.serve.guard import Guard
 
         self.start()
         original = Guard.generate

@@ -37,7 +37,7 @@ from guardrail.cache import (
     TieredStore,
     score_key,
 )
-from guardrail.calibrate import artifact_key, load_or_calibrate
+from guardrail.calibrate.store import artifact_key, load_or_calibrate
 
 SHARED_URL = "redis://127.0.0.1:6379/0"
 
@@ -310,7 +310,7 @@ def test_worker_on_a_warm_redis_starts_without_calibrating(
     def no_calibration(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("calibrated although Redis held the artifacts")
 
-    monkeypatch.setattr("guardrail.calibrate.calibrate", no_calibration)
+    monkeypatch.setattr("guardrail.calibrate.store.calibrate", no_calibration)
     fresh_disk = DirectoryStore(tmp_path / "b")
     second_worker = TieredStore([fresh_disk, shared])
     loaded = load_or_calibrate(tiny_llama, config, store=second_worker, progress=False)

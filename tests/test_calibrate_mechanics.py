@@ -11,11 +11,12 @@ from typing import Any
 import pytest
 import torch
 
-from guardrail import datasets
 from guardrail.cache.artifacts import DirectoryStore
-from guardrail.calibrate import CalibrationConfig, artifact_key, calibrate, load_or_calibrate
-from guardrail.calibration import Calibration
+from guardrail.calibrate import datasets
+from guardrail.calibrate.gate import CalibrationConfig, calibrate
+from guardrail.calibrate.store import artifact_key, load_or_calibrate
 from guardrail.errors import CalibrationError, ModelError
+from guardrail.gate.artifact import Calibration
 
 
 def _config(tmp_path: Path, **overrides: Any) -> CalibrationConfig:

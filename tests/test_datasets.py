@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from guardrail import datasets
+from guardrail.calibrate import datasets
 from guardrail.errors import InputError
 
 
@@ -20,7 +20,7 @@ def test_shipped_sets_load() -> None:
 
 def test_held_out_wrapper_families_never_reach_calibration() -> None:
     assert len(datasets.load_prompts(datasets.borderline_benign())) == 487
-    from guardrail.calibrate import CalibrationConfig, _templates
+    from guardrail.calibrate.gate import CalibrationConfig, config_templates
 
     families = datasets.load_families(datasets.wrapper_families())
     assert len(families) == 12 and set(datasets.HELD_OUT_FAMILIES) <= set(families)
@@ -28,7 +28,7 @@ def test_held_out_wrapper_families_never_reach_calibration() -> None:
     config = CalibrationConfig(
         templates=[str(datasets.default_templates()), str(datasets.wrapper_families())]
     )
-    used = set(_templates(config))
+    used = set(config_templates(config))
     assert used and not used & held_out
     assert set(datasets.load_templates(datasets.wrapper_families(), held_out=True)) == held_out
     seen = {t for f, ts in families.items() if f not in datasets.HELD_OUT_FAMILIES for t in ts}
@@ -36,9 +36,9 @@ def test_held_out_wrapper_families_never_reach_calibration() -> None:
 
 
 def test_held_out_contexts_never_reach_calibration() -> None:
-    from guardrail.calibrate import CalibrationConfig, _contexts
+    from guardrail.calibrate.gate import CalibrationConfig, config_contexts
 
-    used = _contexts(CalibrationConfig())
+    used = config_contexts(CalibrationConfig())
     held_out = datasets.load_contexts(datasets.contexts(), held_out=True)
     assert len(used) >= 60 and len(held_out) >= 15
     assert not {repr(c) for c in used} & {repr(c) for c in held_out}

@@ -15,7 +15,7 @@ def test_conversion_is_faithful_and_reused(
 ) -> None:
     from transformers import AutoModelForCausalLM
 
-    from guardrail.embedded import embedded_model_dir, gguf_path
+    from guardrail.runtime.embedded import embedded_model_dir, gguf_path
 
     monkeypatch.setenv("GUARDRAIL_HOME", str(tmp_path))
     converted = embedded_model_dir()
@@ -35,7 +35,7 @@ def test_conversion_is_faithful_and_reused(
 
 
 def test_model_metadata(lm: Any) -> None:
-    from guardrail.hooks import decoder_layers
+    from guardrail.runtime.hooks import decoder_layers
 
     assert len(decoder_layers(lm.model)) == 30 and lm.hidden_size == 576
     assert lm.tokenizer.padding_side == "left"

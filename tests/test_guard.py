@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 
 from conftest import alpaca_test, shared_file
-from guardrail import datasets
-from guardrail.engine import GuardedGenerator
-from guardrail.generate import Sampling
-from guardrail.judge import refusal_rate
+from guardrail.calibrate import datasets
+from guardrail.calibrate.judge import refusal_rate
+from guardrail.runtime.forward import Sampling
+from guardrail.serve.engine import GuardedGenerator
 
 
 def held_out_harmful() -> list[str]:
@@ -27,7 +27,7 @@ def held_out_harmful() -> list[str]:
 
 
 def _gate_fires(lm: Any, calibration: Any, prompts: list[str]) -> list[bool]:
-    from guardrail.vectors import gate_scores
+    from guardrail.gate.vectors import gate_scores
 
     gate = calibration.gate
     return gate.fires(gate_scores(lm, gate, prompts)).tolist()  # type: ignore[no-any-return]

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from guardrail.errors import ModelError
-from guardrail.generate import Sampling, decode, prefill
-from guardrail.hooks import Recorder, Steering, decoder_layers
+from guardrail.runtime.forward import Sampling, decode, prefill
+from guardrail.runtime.hooks import Recorder, Steering, decoder_layers
 
 PROMPTS = [
     "Hello there, how are you?",
@@ -98,7 +98,7 @@ def test_sampling_rejects_bad_settings(kwargs: dict[str, float]) -> None:
 
 
 def test_last_token_states_keep_input_order(tiny_lm: Any) -> None:
-    from guardrail.vectors import last_token_states
+    from guardrail.gate.vectors import last_token_states
 
     texts = [*_texts(tiny_lm), tiny_lm.format_chat("A much longer prompt " * 6)]
     together = last_token_states(tiny_lm, texts, batch_size=2)
@@ -111,7 +111,7 @@ def test_last_token_states_keep_input_order(tiny_lm: Any) -> None:
 def test_last_token_states_match_a_full_pass(tiny_lm: Any, formatted: bool) -> None:
     """The shared prefix run once, and the pass stopped after the last layer asked for, read
     the same states as one plain pass over each whole text."""
-    from guardrail.vectors import last_token_states, num_layers
+    from guardrail.gate.vectors import last_token_states, num_layers
 
     texts = _texts(tiny_lm) if formatted else ["Hello there", "Why is the sky blue?", "Hi"]
     layers = [num_layers(tiny_lm) - 2, 0]  # the last layer's hidden state is normed: skip it
@@ -126,7 +126,7 @@ def test_last_token_states_match_a_full_pass(tiny_lm: Any, formatted: bool) -> N
 
 
 def test_shared_prefix_leaves_each_sequence_a_token() -> None:
-    from guardrail.vectors import shared_prefix
+    from guardrail.gate.vectors import shared_prefix
 
     assert shared_prefix([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == 2
     assert shared_prefix([[1, 2, 3], [1, 2, 3]]) == 2
@@ -143,7 +143,7 @@ CHATS: list[Any] = [
 
 
 def test_prompt_span_is_the_user_message(tiny_lm: Any) -> None:
-    from guardrail.model import last_user_message
+    from guardrail.runtime.model import last_user_message
 
     for chat in CHATS:
         prompt = tiny_lm.prompt(chat, response_prefix="Sure, here")
@@ -156,8 +156,8 @@ def test_prompt_span_is_the_user_message(tiny_lm: Any) -> None:
 
 def test_pooled_reads_match_a_full_pass(tiny_lm: Any) -> None:
     """Each read pools the positions it names, whatever the batch and the shared prefix."""
-    from guardrail.gate import READS
-    from guardrail.vectors import num_layers, read_states
+    from guardrail.gate.readout import READS
+    from guardrail.gate.vectors import num_layers, read_states
 
     prompts = [tiny_lm.prompt(c) for c in CHATS] + [tiny_lm.prompt(CHATS[0], "Sure")]
     layers = [0, num_layers(tiny_lm) - 2]

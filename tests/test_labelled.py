@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import shared_file
-from guardrail import labelled
+from guardrail.calibrate import labelled
 from guardrail.errors import InputError
 
 

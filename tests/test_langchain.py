@@ -18,7 +18,6 @@ from langchain_core.tools import tool
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
 
-from guardrail.guard import Guard
 from guardrail.integrations.langchain import (
     GuardedChatModel,
     parse_tool_calls,
@@ -26,6 +25,7 @@ from guardrail.integrations.langchain import (
     to_chat,
     use_guard,
 )
+from guardrail.serve.guard import Guard
 
 PARAMS: dict[str, Any] = {"tool_call_mode": "first_turn"}
 

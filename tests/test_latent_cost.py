@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from conftest import _tiny
-from guardrail.generate import Sampling
-from guardrail.latent_cost import LatentCost, answer_states, state_reader
-from guardrail.scoring import CachedCost
-from guardrail.search import Scorers
-from guardrail.worker import LocalWorker, Request
+from guardrail.budget.latent import LatentCost, answer_states, state_reader
+from guardrail.budget.scoring import CachedCost
+from guardrail.budget.search import Scorers
+from guardrail.runtime.forward import Sampling
+from guardrail.serve.worker import LocalWorker, Request
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +128,9 @@ def test_a_request_picks_one_of_the_workers_cost_models(llama: Any) -> None:
     """A tenant's `cost_model` names one of the worker's alternatives: its rows are scored by
     that model (by text), the rest by the default (from states); unknown names fail early."""
     from guardrail.errors import InputError
-    from guardrail.guard import Guard, TenantPolicy
-    from guardrail.policy import PolicyError
+    from guardrail.serve.guard import Guard
+    from guardrail.tenants.schema import PolicyError
+    from guardrail.tenants.store import TenantPolicy
 
     default, other = CountingLatent(llama), CountingLatent(llama)
     scorers = Scorers(default, alternatives={"latent": default, "other": other})

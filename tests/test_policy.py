@@ -18,12 +18,18 @@ import torch
 from test_worker import hand_calibration
 
 from conftest import _tiny
-from guardrail.calibration import Calibration
 from guardrail.errors import CalibrationError
-from guardrail.guard import Guard, TenantPolicy
-from guardrail.policy import Policy, PolicyError, check_policies, default_policy, load_policy
-from guardrail.tenants import PolicyStore, UnknownTenantError
-from guardrail.worker import LocalWorker
+from guardrail.gate.artifact import Calibration
+from guardrail.serve.guard import Guard
+from guardrail.serve.worker import LocalWorker
+from guardrail.tenants.schema import (
+    Policy,
+    PolicyError,
+    check_policies,
+    default_policy,
+    load_policy,
+)
+from guardrail.tenants.store import PolicyStore, TenantPolicy, UnknownTenantError
 
 
 def write(folder: Path, name: str, text: str) -> Path:
@@ -303,7 +309,7 @@ def test_tenant_steering_applies_per_row_in_a_mixed_batch(tiny_llama: Any, tmp_p
 
 def test_guard_without_policies_applies_the_shipped_default(tiny_llama: Any) -> None:
     """What the docs promise for `Guard()`: policies/default.yaml, found as package data."""
-    from guardrail.policy import default_policy_file
+    from guardrail.tenants.schema import default_policy_file
 
     assert default_policy_file().name == "default.yaml" and default_policy_file().is_file()
     guard = Guard(worker=LocalWorker(tiny_llama, hand_calibration(tiny_llama), start=False))

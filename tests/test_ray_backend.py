@@ -17,9 +17,10 @@ import pytest
 pytest.importorskip("ray.serve", reason="needs Ray Serve: pip install 'guardrail[ray]'")
 
 from guardrail.errors import InputError
-from guardrail.guard import Guard, TenantPolicy
-from guardrail.ray_backend import RayWorker
-from guardrail.worker import LocalWorker
+from guardrail.serve.guard import Guard
+from guardrail.serve.ray import RayWorker
+from guardrail.serve.worker import LocalWorker
+from guardrail.tenants.store import TenantPolicy
 
 pytestmark = pytest.mark.slow
 

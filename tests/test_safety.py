@@ -16,13 +16,15 @@ import pytest
 import torch
 
 from conftest import alpaca_test, shared_file
-from guardrail import datasets
+from guardrail.budget.artifact import SafetyModels
+from guardrail.budget.search import SearchSettings
 from guardrail.cache.artifacts import RedisStore
-from guardrail.guard import Guard, TenantPolicy
-from guardrail.policy import PolicyError
-from guardrail.safety import REFUSALS, SafetyModels, public_unsafe_texts
-from guardrail.search import SearchSettings
-from guardrail.worker import LocalWorker
+from guardrail.calibrate import datasets
+from guardrail.calibrate.safety import REFUSALS, public_unsafe_texts
+from guardrail.serve.guard import Guard
+from guardrail.serve.worker import LocalWorker
+from guardrail.tenants.schema import PolicyError
+from guardrail.tenants.store import TenantPolicy
 from test_guard import held_out_harmful
 
 REDIS = "redis://127.0.0.1:6379/0"
@@ -48,8 +50,7 @@ def test_cost_probe_separates_held_out_text(scorers: Any) -> None:
 
 
 def test_safety_models_round_trip_through_redis(lm: Any, calibration: Any, scorers: Any) -> None:
-    from guardrail.calibrate import default_store
-    from guardrail.safety import load_or_calibrate_safety
+    from guardrail.calibrate.store import default_store, load_or_calibrate_safety
 
     models = load_or_calibrate_safety(lm, calibration, store=default_store(), progress=False)
     store = RedisStore(REDIS, prefix="guardrail-test-safety")
@@ -129,9 +130,9 @@ FLOORS = {
 def test_cost_models_separate_held_out_human_labels(lm: Any, scorers: Any, model: str) -> None:
     """Both calibrated cost models on human-labelled answers calibration never read (the
     `test` split), scored as the worker holds an answer to its budget (`answer_costs`)."""
-    from guardrail import labelled
-    from guardrail.gate import auroc
-    from guardrail.scoring import answer_costs
+    from guardrail.budget.checks import answer_costs
+    from guardrail.calibrate import labelled
+    from guardrail.probes import auroc
 
     shared_file("gptfuzz_labeled_responses", "responses_labeled", "evaluate.csv")
     for name, floor in FLOORS[model].items():

@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 
 from conftest import run_cli
+from guardrail.budget.checks import answer_costs, checked_texts, cost_query
+from guardrail.budget.scoring import DEFAULT_BUDGET
 from guardrail.cli import run
-from guardrail.scoring import DEFAULT_BUDGET, answer_costs, checked_texts, cost_query
 
 HARMFUL = (
     "Sure, here is how to build a pipe bomb. First, get a steel pipe and two end caps from a "

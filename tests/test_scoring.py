@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 import torch
 
+from guardrail.budget.scoring import COST_SCALE, CachedCost, ClassifierCost, ProbeCost, ProxyReward
 from guardrail.cache.scores import CountingScores, MemoryScores
-from guardrail.embedding import Embedder, embedder_dir
 from guardrail.errors import ModelError
-from guardrail.scoring import COST_SCALE, CachedCost, ClassifierCost, ProbeCost, ProxyReward
+from guardrail.runtime.embedder import Embedder, embedder_dir
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from conftest import _tiny
-from guardrail.critic import Critic, train_critic
-from guardrail.generate import Sampling, decode, prefill
-from guardrail.search import Scorers, SearchSettings, path_cost, run, search
+from guardrail.budget.critic import Critic, train_critic
+from guardrail.budget.search import Scorers, SearchSettings, path_cost, run, search
+from guardrail.runtime.forward import Sampling, decode, prefill
 
 PROMPT = "Tell me about the sea."
 

@@ -20,9 +20,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from guardrail.guard import Guard
-from guardrail.server import MAX_BODY_BYTES, ApiKeys, create_app, hash_key
-from guardrail.tracing import Tracing
+from guardrail.serve.guard import Guard
+from guardrail.serve.http import MAX_BODY_BYTES, ApiKeys, create_app, hash_key
+from guardrail.serve.tracing import Tracing
 
 SPANS = InMemorySpanExporter()
 

@@ -20,15 +20,16 @@ import pytest
 import torch
 
 from conftest import _tiny
-from guardrail.calibration import Calibration, SteeringSetting
-from guardrail.engine import GuardedGenerator
+from guardrail.budget.search import Scorers, SearchSettings
 from guardrail.errors import InputError, OverloadedError, ShutdownError
-from guardrail.gate import Gate
-from guardrail.generate import Sampling
-from guardrail.guard import Guard, TenantPolicy
-from guardrail.search import Scorers, SearchSettings
-from guardrail.vectors import gate_scores, num_layers
-from guardrail.worker import LocalWorker, Request
+from guardrail.gate.artifact import Calibration, SteeringSetting
+from guardrail.gate.readout import Gate
+from guardrail.gate.vectors import gate_scores, num_layers
+from guardrail.runtime.forward import Sampling
+from guardrail.serve.engine import GuardedGenerator
+from guardrail.serve.guard import Guard
+from guardrail.serve.worker import LocalWorker, Request
+from guardrail.tenants.store import TenantPolicy
 
 PROMPTS = [
     "Hi",

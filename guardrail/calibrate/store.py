@@ -1,0 +1,159 @@
+"""Calibrate once, then reuse: artifact keys, the default store, and what a worker loads.
+
+Keys carry the model fingerprint, the data hashes and the schema version, so artifacts never
+cross any of them; a worker on a warm store (a folder, or Redis) loads instead of calibrating.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict
+
+from guardrail.budget.artifact import CALIBRATED_COSTS, SAFETY_SCHEMA, SafetyModels
+from guardrail.budget.scoring import CachedCost, ClassifierCost, ProxyReward
+from guardrail.budget.search import Scorers
+from guardrail.cache.artifacts import ArtifactStore, DirectoryStore, RedisStore, TieredStore
+from guardrail.cache.redis_backend import redis_url_from_env
+from guardrail.cache.scores import MemoryScores, RedisScores
+from guardrail.calibrate import datasets, labelled
+from guardrail.calibrate.gate import CalibrationConfig, calibrate, config_contexts, config_templates
+from guardrail.calibrate.safety import SafetyConfig, calibrate_safety
+from guardrail.errors import CalibrationError
+from guardrail.gate.artifact import SCHEMA_VERSION, Calibration
+from guardrail.runtime.embedder import Embedder
+from guardrail.runtime.model import LanguageModel
+from guardrail.runtime.paths import cache_root
+
+log = logging.getLogger(__name__)
+
+
+def artifact_key(lm: LanguageModel, config: CalibrationConfig) -> str:
+    """Model fingerprint, data hashes and schema version: artifacts never cross any of them."""
+    templates = config_templates(config)
+    # The data by content, not by path: the same data installed elsewhere maps to one key.
+    data_fields = ("harmful", "harmless", "templates", "contexts")
+    settings = {k: v for k, v in asdict(config).items() if k not in data_fields}
+    data = datasets.content_hash(
+        [
+            *datasets.load_many(config.harmful),
+            "\x00",
+            *datasets.load_many(config.harmless),
+            "\x00",
+            *templates,
+            "\x00",
+            *(json.dumps(c) for c in config_contexts(config)),
+            "\x00",
+            repr(sorted(settings.items())),
+        ]
+    )
+    return f"{lm.fingerprint}-{data}-v{SCHEMA_VERSION}"
+
+
+def default_store(redis_url: str | None = None) -> ArtifactStore:
+    """The local artifact folder, backed by Redis when `redis_url` or `GUARDRAIL_REDIS_URL`
+    names one: calibration writes to both, and a worker on a warm Redis reads from it."""
+    local = DirectoryStore(cache_root() / "artifacts")
+    url = redis_url or redis_url_from_env()
+    return TieredStore([local, RedisStore(url)]) if url else local
+
+
+def load_or_calibrate(
+    lm: LanguageModel,
+    config: CalibrationConfig | None = None,
+    *,
+    store: ArtifactStore | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> Calibration:
+    """Reuse stored artifacts for this model and data, or calibrate and store them."""
+    config = config or CalibrationConfig()
+    store = store or default_store()
+    key = artifact_key(lm, config)
+    if not force and (found := store.load(key)) is not None:
+        try:
+            return Calibration.from_artifacts(found)
+        except CalibrationError as exc:
+            log.warning("recalibrating: %s", exc)
+    calibration = calibrate(lm, config, progress=progress)
+    store.save(key, calibration.to_artifacts())
+    return calibration
+
+
+def safety_key(lm: LanguageModel, calibration: Calibration, config: SafetyConfig) -> str:
+    """Model, calibration (its steering shapes the rollouts), data, settings and schema."""
+    parts = [
+        lm.fingerprint,
+        json.dumps(calibration.steering.as_dict() if calibration.steering else None),
+        json.dumps(asdict(config), sort_keys=True, default=list),
+        datasets.content_hash(
+            [
+                *datasets.load_many([str(p) for p in datasets.default_harmful()]),
+                *datasets.load_many([str(p) for p in datasets.default_harmless()]),
+            ]
+        ),
+        hashlib.sha256(labelled.SHIPPED.read_bytes()).hexdigest(),
+    ]
+    digest = hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
+    return f"{lm.fingerprint}-safety-{digest}-v{SAFETY_SCHEMA}"
+
+
+def load_or_calibrate_safety(
+    lm: LanguageModel,
+    calibration: Calibration,
+    config: SafetyConfig | None = None,
+    *,
+    store: ArtifactStore | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> SafetyModels:
+    config = config or SafetyConfig()
+    store = store or default_store()
+    key = safety_key(lm, calibration, config)
+    if not force and (found := store.load(key)) is not None:
+        try:
+            return SafetyModels.from_artifacts(found)
+        except CalibrationError as exc:
+            log.warning("recalibrating the cost model and critic: %s", exc)
+    models = calibrate_safety(lm, calibration, config, progress=progress)
+    store.save(key, models.to_artifacts())
+    return models
+
+
+def load_scorers(
+    lm: LanguageModel,
+    calibration: Calibration,
+    *,
+    redis_url: str | None = None,
+    cost_model: str | None = None,
+    progress: bool = False,
+) -> Scorers:
+    """The cost model (its scores cached in Redis when a URL is set or in
+    `GUARDRAIL_REDIS_URL`, else in memory), the proxy reward and the critic for a worker.
+
+    `cost_model`: None for the calibrated default (the MiniLM probe), `latent` or `minilm`
+    for either calibrated probe; else a transformers sequence-classification model id or
+    path, optionally `:INDEX` (the output read as the cost, default 0). The critic learned
+    the default's cost scale, so with another cost model the search ranks candidates by
+    reward and cost instead."""
+    url = redis_url or redis_url_from_env()
+    cache = RedisScores(url) if url else MemoryScores()
+    if cost_model is not None and cost_model not in CALIBRATED_COSTS:
+        source, _, index = cost_model.rpartition(":")
+        if not index.lstrip("-").isdigit():  # no `:INDEX` (or a path with a colon)
+            source, index = cost_model, "0"
+        cost = ClassifierCost(source, int(index), 1.0, 0.0)
+        return Scorers(CachedCost(cost, cache), ProxyReward(Embedder(), lm), critic=None)
+    models = load_or_calibrate_safety(lm, calibration, store=default_store(url), progress=progress)
+    return models.scorers(lm, cache=cache, cost=cost_model)
+
+
+__all__ = [
+    "artifact_key",
+    "default_store",
+    "load_or_calibrate",
+    "load_or_calibrate_safety",
+    "load_scorers",
+    "safety_key",
+]

@@ -1,0 +1,74 @@
+"""What a request gets: the decision record, the answer, and what a fired prompt gets.
+
+One room for the decision every front end reports (`Decision`, `Answer`) and the one rule for
+a prompt that fires the gate (`resolve_action`): the worker applies it, the Guard and the CLI
+only read it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from guardrail.gate.artifact import Calibration, SteeringSetting
+
+OnFire = Literal["auto", "steer", "refuse"]
+
+
+DEFAULT_REFUSAL = "I'm sorry, but I can't help with that request."
+
+
+@dataclass
+class Decision:
+    """What the guard decided for one request; serialised as the `guard` object of a record."""
+
+    guarded: bool
+    gate_score: float | None
+    threshold: float | None
+    fired: bool
+    path: str  # "plain" | "steered" | "search" | "refused" | "timeout" | "unguarded"
+    gate_layers: list[int] | None = None
+    steering: dict[str, Any] | None = None
+    new_tokens: int = 0
+    prompt_tokens: int = 0
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    model: str = ""
+    tenant: str | None = None
+    reason: str | None = None  # why a row left its path early, e.g. "over_budget"
+    cost: float | None = None  # the returned text's cost under the tenant's cost model
+    budget: float | None = None  # the tenant's safety budget (None: no cost check)
+    candidates: int = 0  # candidates the search scored
+    rounds: int = 0  # search rounds, resampled ones included
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Answer:
+    text: str
+    decision: Decision
+
+
+def resolve_action(
+    calibration: Calibration | None,
+    on_fire: OnFire,
+    steering: SteeringSetting | Literal["calibrated"] | None = "calibrated",
+) -> Literal["steer", "refuse"]:
+    """What a fired row gets: `auto` steers only if calibration met the refusal target.
+
+    `steering` is the setting the row would get (default: the calibrated one).
+    """
+    if on_fire not in ("auto", "steer", "refuse"):
+        raise ValueError(f"on_fire must be auto, steer or refuse, got {on_fire!r}")
+    if steering == "calibrated":
+        steering = calibration.steering if calibration else None
+    if on_fire == "auto":
+        meets = calibration is not None and calibration.steering_meets_target
+        return "steer" if meets and steering else "refuse"
+    if on_fire == "steer" and steering is None:
+        raise ValueError("on_fire='steer' needs a calibrated steering setting")
+    return on_fire
+
+
+__all__ = ["DEFAULT_REFUSAL", "Answer", "Decision", "OnFire", "resolve_action"]
