@@ -19,7 +19,6 @@ conversation, the answer is the refusal text and no tool is called.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import difflib
 import json
 import re
@@ -46,6 +45,7 @@ from pydantic import ConfigDict, Field, SecretStr
 
 from guardrail.decision import Answer
 from guardrail.errors import InputError, OverloadedError
+from guardrail.serve.exchange import run_sync
 from guardrail.serve.guard import Guard
 from guardrail.tools import render_tool_call, with_tools
 
@@ -378,6 +378,7 @@ class GuardedChatModel(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
+        await asyncio.to_thread(self._guard, kwargs.get("model"))  # a first load: off the loop
         message = await self._answer(messages, stop, **kwargs)
         return ChatResult(generations=[ChatGeneration(message=message)])
 
@@ -388,7 +389,8 @@ class GuardedChatModel(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        message = _run(self._answer(messages, stop, **kwargs))
+        self._guard(kwargs.get("model"))  # a first load: here, not on the exchange's loop
+        message = run_sync(self._answer(messages, stop, **kwargs))
         return ChatResult(generations=[ChatGeneration(message=message)])
 
     # --- streaming -----------------------------------------------------------------------------
@@ -402,11 +404,11 @@ class GuardedChatModel(BaseChatModel):
     ) -> AsyncIterator[ChatGenerationChunk]:
         """Text as the guard releases it (each chunk checked first); with tools bound, the
         whole answer at once, so that a call is parsed before anything is shown."""
+        guard = await asyncio.to_thread(self._guard, kwargs.get("model"))  # off the loop
         if kwargs.get("tools") and kwargs.get("tool_choice") != "none":
             for chunk in _chunks(await self._answer(messages, stop, **kwargs)):
                 yield chunk
             return
-        guard = self._guard(kwargs.pop("model", None))
         stream = guard.stream(to_chat(messages, []), tenant=self.tenant, **self._options(stop))
         async for text in stream:
             chunk = ChatGenerationChunk(message=AIMessageChunk(content=text))
@@ -423,10 +425,10 @@ class GuardedChatModel(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
+        guard = self._guard(kwargs.get("model"))
         if kwargs.get("tools") and kwargs.get("tool_choice") != "none":
-            yield from _chunks(_run(self._answer(messages, stop, **kwargs)))
+            yield from _chunks(run_sync(self._answer(messages, stop, **kwargs)))
             return
-        guard = self._guard(kwargs.pop("model", None))
         stream = guard.stream_sync(to_chat(messages, []), tenant=self.tenant, **self._options(stop))
         for text in stream:
             chunk = ChatGenerationChunk(message=AIMessageChunk(content=text))
@@ -468,16 +470,6 @@ def _chunks(message: AIMessage) -> Iterator[ChatGenerationChunk]:
             usage_metadata=message.usage_metadata,
         )
     )
-
-
-def _run(coroutine: Any) -> Any:
-    """Run the async path from sync code: here, or on a helper thread inside a running loop."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coroutine)
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coroutine).result()
 
 
 __all__ = [

@@ -7,44 +7,39 @@
         print(chunk, end="")
 
 The event loop never waits on the model: requests go to a `Worker` (a thread owning the model)
-and come back through `loop.call_soon_threadsafe`. The sync twins (`generate_sync`,
-`stream_sync`) use the same worker through thread-safe queues, so a script and an async
-service share one code path; they also work inside a running event loop (a notebook cell),
-blocking it until the answer is done. Deadlines fail closed: when one passes, the answer is
-the tenant's refusal text with path "timeout", never unguarded text. Internal errors follow
-the tenant's `fail_mode` at every entry point: `refuse` answers with the refusal text (a
-stream ends with it), `error` raises.
+and come back through `loop.call_soon_threadsafe`. Every entry point runs one `Exchange`
+(guardrail/serve/exchange.py: rate limit, submit, deadline, `fail_mode`, cancel); the sync
+twins (`generate_sync`, `stream_sync`) run it on a private event loop thread, so a script and
+an async service share one code path, and the twins also work inside a running event loop (a
+notebook cell), blocking only the calling thread. Deadlines fail closed: when one passes, the
+answer is the tenant's refusal text with path "timeout", never unguarded text. Internal
+errors follow the tenant's `fail_mode` at every entry point: `refuse` answers with the
+refusal text (a stream ends with it), `error` raises.
+
+Tenants are resolved once per policy load (guardrail/tenants/resolved.py): building a request
+reads no file and calls no model.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import queue
-import time
-from collections.abc import Coroutine, Iterator, Mapping, Sequence
-from concurrent.futures import CancelledError, ThreadPoolExecutor
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from asyncio_throttle.throttler import Throttler
-
-from guardrail.decision import Answer, Decision
-from guardrail.errors import CalibrationError, InputError, OverloadedError, ShutdownError
-from guardrail.gate.artifact import Calibration, SteeringSetting
+from guardrail.decision import Answer
+from guardrail.errors import InputError
+from guardrail.gate.artifact import Calibration
 from guardrail.runtime.forward import Sampling
 from guardrail.runtime.model import LanguageModel, Message
-from guardrail.serve.worker import LocalWorker, Request, Ticket, Worker
-from guardrail.tenants.schema import PolicyError, Problem
-from guardrail.tenants.store import PolicyStore, TenantPolicy, UnknownTenantError
+from guardrail.serve.exchange import Exchange, SyncExchange, run_sync
+from guardrail.serve.worker import LocalWorker, Request, Worker
+from guardrail.tenants.resolved import ResolvedTenant, Tenants
+from guardrail.tenants.store import PolicyStore, TenantPolicy
 
 GuardResult = Answer  # `.text` and `.decision` (the decision record)
-
-T = TypeVar("T")
-
-# Slack the worker gets past a deadline to answer "timeout" itself (it notices between
-# decode steps) before the Guard answers on its behalf.
-_DEADLINE_GRACE_S = 0.25
+GuardStream = Exchange  # async iterator over released chunks; `.result` at the end
+SyncGuardStream = SyncExchange
 
 _LANGCHAIN_ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool"}
 _OVERRIDES = frozenset(
@@ -80,108 +75,6 @@ def to_messages(messages: Any) -> list[Message] | str:
             raise InputError(f"message {i} needs a string role and string content")
         out.append({"role": role, "content": content})
     return out
-
-
-class _AsyncSink:
-    """Moves worker callbacks onto the event loop; a closed loop just drops them."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-
-    def _put(self, item: tuple[str, Any]) -> None:
-        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening
-            self.loop.call_soon_threadsafe(self.items.put_nowait, item)
-
-    def chunk(self, text: str) -> None:
-        self._put(("chunk", text))
-
-    def done(self, answer: Answer) -> None:
-        self._put(("done", answer))
-
-    def fail(self, error: BaseException) -> None:
-        self._put(("error", error))
-
-
-class _ThreadSink:
-    def __init__(self) -> None:
-        self.items: queue.Queue[tuple[str, Any]] = queue.Queue()
-
-    def chunk(self, text: str) -> None:
-        self.items.put(("chunk", text))
-
-    def done(self, answer: Answer) -> None:
-        self.items.put(("done", answer))
-
-    def fail(self, error: BaseException) -> None:
-        self.items.put(("error", error))
-
-
-class GuardStream:
-    """Async iterator over released text chunks; `.result` holds the answer once it ends.
-
-    Leaving early (`aclose()`, `async with`, or cancelling the consuming task) cancels the
-    request, so its row leaves the batch at the next step.
-    """
-
-    def __init__(self, guard: Guard, request: Request, timeout_at: float | None) -> None:
-        self._guard = guard
-        self._request = request
-        self._timeout_at = timeout_at
-        self._sink: _AsyncSink | None = None
-        self._ticket: Ticket | None = None
-        self._closed = False
-        self.result: Answer | None = None
-
-    def __aiter__(self) -> GuardStream:
-        return self
-
-    async def __anext__(self) -> str:
-        if self._closed:
-            raise StopAsyncIteration
-        if self._sink is None:
-            if not await self._guard._admit(self._request):
-                self._closed = True
-                self.result = _timeout_answer(self._request)
-                return self.result.text
-            self._sink = _AsyncSink(asyncio.get_running_loop())
-            self._ticket = self._guard.worker.submit(self._request, self._sink)
-        try:
-            kind, value = await _next_item(self._sink.items, self._timeout_at)
-        except TimeoutError:
-            self._cancel()
-            self.result = _timeout_answer(self._request)
-            return self.result.text
-        except BaseException:
-            self._cancel()
-            raise
-        if kind == "chunk":
-            return str(value)
-        self._closed = True
-        if kind == "done":
-            self.result = value
-            raise StopAsyncIteration
-        self.result = self._guard._failed(self._request, value)  # or raises
-        return self.result.text
-
-    def _cancel(self) -> None:
-        self._closed = True
-        if self._ticket is not None:
-            self._ticket.cancel()
-
-    async def aclose(self) -> None:
-        if not self._closed:
-            self._cancel()
-
-    def __del__(self) -> None:  # abandoned mid-stream: free the row
-        if not self._closed and self._ticket is not None:
-            self._ticket.cancel()
-
-    async def __aenter__(self) -> GuardStream:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
 
 
 class Guard:
@@ -233,22 +126,21 @@ class Guard:
         self.policies: dict[str, TenantPolicy] = {}
         if not isinstance(policies, PolicyStore):
             self.policies = dict(policies or {"default": TenantPolicy.default()})
-        self._throttlers: dict[str, tuple[TenantPolicy, Throttler | None]] = {}
-        self._refusal_costs: dict[str, float] = {}
+        source = self.store if self.store is not None else self.policies
+        self.tenants = Tenants(source, worker.calibration, worker.scorers)
 
     def policy(self, tenant: str) -> TenantPolicy:
         """The tenant's policy in force now; `UnknownTenantError` if it has none."""
-        if self.store is not None:
-            return TenantPolicy.from_policy(self.store.get(tenant))
-        policy = self.policies.get(tenant)
-        if policy is None:
-            known = ", ".join(sorted(self.policies))
-            raise UnknownTenantError(f"unknown tenant {tenant!r} (known: {known})")
-        return policy
+        return self.tenants.get(tenant).policy
 
     def request(self, messages: Any, tenant: str = "default", **overrides: Any) -> Request:
         """Build the worker request; errors in the input raise `InputError` right here."""
-        policy = self.policy(tenant)
+        return self._request(self.tenants.get(tenant), messages, overrides)
+
+    def _request(
+        self, resolved: ResolvedTenant, messages: Any, overrides: Mapping[str, Any]
+    ) -> Request:
+        policy, tenant = resolved.policy, resolved.name
         unknown = set(overrides) - _OVERRIDES
         if unknown:
             raise InputError(f"unknown options {sorted(unknown)}; known: {sorted(_OVERRIDES)}")
@@ -272,7 +164,7 @@ class Guard:
         prefix = overrides.get("response_prefix", "")
         if not isinstance(prefix, str):
             raise InputError(f"response_prefix must be a string, got {type(prefix).__name__}")
-        budget = self._budget(tenant, policy) if guarded else None  # the guard is off
+        budget = resolved.budget if guarded else None  # the guard is off
         return Request(
             chat=to_messages(messages),
             sampling=sampling,
@@ -281,149 +173,38 @@ class Guard:
             refusal_text=policy.refusal_text,
             deadline=None if timeout is None else time.monotonic() + float(timeout),
             tenant=tenant,
-            gate_threshold=self._gate_threshold(policy),
-            steering=self._steering(policy),
+            gate_threshold=resolved.gate_threshold,
+            steering=resolved.steering,
             max_input_tokens=policy.max_input_tokens,
             response_prefix=prefix,
             stop=tuple(stop),
             budget=budget,
-            search=policy.search if budget is not None else None,
-            cost_model=policy.cost_model if budget is not None else None,
+            search=resolved.search if budget is not None else None,
+            cost_model=resolved.cost_model if budget is not None else None,
         )
 
-    def _budget(self, tenant: str, policy: TenantPolicy) -> float | None:
-        """The tenant's budget when the worker has a cost model (None: no cost check). Its
-        refusal text must be within it: the text every fail-closed path answers with."""
-        scorers = getattr(self.worker, "scorers", None)
-        if scorers is None:
-            return None
-        text = policy.refusal_text
-        try:
-            cost = scorers.for_cost(policy.cost_model).cost
-        except InputError as exc:
-            raise PolicyError(
-                [Problem(f"tenant {tenant!r}", None, "cost_model", str(exc))]
-            ) from None
-        key = f"{policy.cost_model}\x00{text}"
-        if key not in self._refusal_costs:
-            self._refusal_costs[key] = float(cost.cost([""], [text])[0])
-        if self._refusal_costs[key] > policy.budget:
-            message = (
-                f"costs {self._refusal_costs[key]:.2f} under the cost model, over the "
-                f"budget {policy.budget}: write a plainer refusal or raise the budget"
-            )
-            raise PolicyError([Problem(f"tenant {tenant!r}", None, "refusal_text", message)])
-        return policy.budget
-
-    def _calibration(self, needs: str) -> Calibration:
-        calibration = getattr(self.worker, "calibration", None)
-        if not isinstance(calibration, Calibration):
-            raise CalibrationError(f"{needs} needs a calibrated worker")
-        return calibration
-
-    def _gate_threshold(self, policy: TenantPolicy) -> float | None:
-        if policy.gate_threshold is not None or policy.gate_target_fpr is None:
-            return policy.gate_threshold
-        return self._calibration("gate.target_fpr").threshold_at(policy.gate_target_fpr)
-
-    def _steering(self, policy: TenantPolicy) -> SteeringSetting | None:
-        """The tenant's steering setting, its `auto` parts from calibration; None: all auto."""
-        given = (policy.steering_source, policy.steering_layers, policy.steering_strength)
-        if given == (None, None, None):
-            return None
-        calibration = self._calibration("a tenant's steering setting")
-        base = calibration.steering
-        if base is None and None in given:
-            raise CalibrationError(
-                "calibration chose no steering setting: a tenant's steering needs source, "
-                "layers and strength"
-            )
-        fallback = base or SteeringSetting("", (), 0.0)  # all three given when no base
-        strength = policy.steering_strength
-        setting = SteeringSetting(
-            policy.steering_source or fallback.source,
-            policy.steering_layers or fallback.layers,
-            fallback.strength if strength is None else strength,
-        )
-        calibration.steering_vectors(setting)  # unknown source or layer: an error here
-        return setting
-
-    def _throttler(self, tenant: str) -> Throttler | None:
-        """One throttler per tenant, renewed when the tenant's policy changes."""
-        policy = self.policy(tenant)
-        held = self._throttlers.get(tenant)
-        if held is None or held[0] != policy:
-            held = (policy, policy.throttler())
-            self._throttlers[tenant] = held
-        return held[1]
-
-    async def _admit(self, request: Request) -> bool:
-        """Wait for the tenant's rate limit; False if the deadline passed while waiting."""
-        throttler = self._throttler(request.tenant)
-        if throttler is None:
-            return True
-        left = None if request.deadline is None else request.deadline - time.monotonic()
-        try:
-            await asyncio.wait_for(throttler.acquire(), left)  # type: ignore[no-untyped-call]
-        except asyncio.TimeoutError:
-            return False
-        return True
+    def _exchange(self, messages: Any, tenant: str, overrides: Mapping[str, Any]) -> Exchange:
+        resolved = self.tenants.get(tenant)
+        return Exchange(self.worker, resolved, self._request(resolved, messages, overrides))
 
     async def generate(self, messages: Any, tenant: str = "default", **overrides: Any) -> Answer:
         """The answer and its decision record; cancelling the caller cancels the request."""
-        request = self.request(messages, tenant, **overrides)
-        if not await self._admit(request):
-            return _timeout_answer(request)
-        sink = _AsyncSink(asyncio.get_running_loop())
-        ticket = self.worker.submit(request, sink)
-        timeout_at = _timeout_at(request)
-        try:
-            while True:
-                kind, value = await _next_item(sink.items, timeout_at)
-                if kind == "done":
-                    return value  # type: ignore[no-any-return]
-                if kind == "error":
-                    return self._failed(request, value)
-        except TimeoutError:
-            ticket.cancel()
-            return _timeout_answer(request)
-        except BaseException:
-            ticket.cancel()
-            raise
-
-    def _admit_sync(self, request: Request) -> bool:
-        """`_admit` for the sync twins; no event loop at all for a tenant without a limit."""
-        if self._throttler(request.tenant) is None:
-            return True
-        return _run_sync(self._admit(request))
-
-    def _failed(self, request: Request, error: BaseException) -> Answer:
-        """An internal error: the refusal text under `fail_mode: refuse`, else raise it.
-        Every entry point (generate, streams, the sync twins) ends up here, so they agree."""
-        if isinstance(error, (InputError, OverloadedError, ShutdownError, CancelledError)):
-            raise _error(error)
-        if self.policy(request.tenant).fail_mode == "error":
-            raise _error(error)
-        return _closed_answer(request, "refused", f"error: {error}")
+        return await self._exchange(messages, tenant, overrides).answer()
 
     def stream(self, messages: Any, tenant: str = "default", **overrides: Any) -> GuardStream:
         """Released text chunks, each after it passed the chunk check (at most one held back)."""
-        request = self.request(messages, tenant, **overrides)
-        return GuardStream(self, request, _timeout_at(request))
+        return self._exchange(messages, tenant, overrides)
 
     def generate_sync(self, messages: Any, tenant: str = "default", **overrides: Any) -> Answer:
-        """`generate` for scripts: blocks the calling thread. Inside a running event loop (a
-        notebook cell, a sync callback) it works too, but blocks that loop meanwhile."""
-        for _ in (stream := self.stream_sync(messages, tenant, **overrides)):
-            pass
-        assert stream.result is not None
-        return stream.result
+        """`generate` for scripts: blocks the calling thread, also inside a running event loop
+        (a notebook cell, a sync callback), where only that thread waits."""
+        return run_sync(self._exchange(messages, tenant, overrides).answer())
 
     def stream_sync(
         self, messages: Any, tenant: str = "default", **overrides: Any
     ) -> SyncGuardStream:
-        request = self.request(messages, tenant, **overrides)
-        return SyncGuardStream(self, request, _timeout_at(request))
+        """`stream` for scripts: a blocking iterator; `.result` holds the answer at its end."""
+        return SyncExchange(self._exchange(messages, tenant, overrides))
 
     async def aclose(self, *, drain: bool = True, timeout: float | None = None) -> None:
         """Stop taking requests; in-flight ones finish (`drain`) or fail with `ShutdownError`."""
@@ -445,96 +226,6 @@ class Guard:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class SyncGuardStream:
-    """Blocking iterator over released chunks; `.result` holds the answer once it ends."""
-
-    def __init__(self, guard: Guard, request: Request, timeout_at: float | None) -> None:
-        self._guard, self._request, self._timeout_at = guard, request, timeout_at
-        self.result: Answer | None = None
-
-    def __iter__(self) -> Iterator[str]:
-        if not self._guard._admit_sync(self._request):  # the tenant's rate limit
-            self.result = _timeout_answer(self._request)
-            yield self.result.text
-            return
-        sink = _ThreadSink()
-        ticket = self._guard.worker.submit(self._request, sink)
-        try:
-            while True:
-                left = None if self._timeout_at is None else self._timeout_at - time.monotonic()
-                try:
-                    kind, value = sink.items.get(timeout=None if left is None else max(left, 0))
-                except queue.Empty:
-                    ticket.cancel()
-                    self.result = _timeout_answer(self._request)
-                    yield self.result.text
-                    return
-                if kind == "chunk":
-                    yield str(value)
-                elif kind == "done":
-                    self.result = value
-                    return
-                else:
-                    self.result = self._guard._failed(self._request, value)  # or raises
-                    yield self.result.text
-                    return
-        finally:
-            if self.result is None:
-                ticket.cancel()
-
-
-def _run_sync(coroutine: Coroutine[Any, Any, T]) -> T:
-    """`asyncio.run`, also from inside a running event loop, where asyncio.run refuses: the
-    coroutine then runs on a private loop in a helper thread while this thread waits."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coroutine)
-    with ThreadPoolExecutor(1, thread_name_prefix="guardrail-sync") as pool:
-        return pool.submit(asyncio.run, coroutine).result()
-
-
-def _timeout_at(request: Request) -> float | None:
-    return None if request.deadline is None else request.deadline + _DEADLINE_GRACE_S
-
-
-async def _next_item(
-    items: asyncio.Queue[tuple[str, Any]], timeout_at: float | None
-) -> tuple[str, Any]:
-    if timeout_at is None:
-        return await items.get()
-    left = max(timeout_at - time.monotonic(), 0.0)
-    try:
-        return await asyncio.wait_for(items.get(), left)
-    except asyncio.TimeoutError as exc:  # an alias of TimeoutError from 3.11 on
-        raise TimeoutError from exc
-
-
-def _error(value: BaseException) -> BaseException:
-    if isinstance(value, CancelledError):
-        return asyncio.CancelledError()
-    return value
-
-
-def _timeout_answer(request: Request) -> Answer:
-    """The fail-closed answer when the worker did not answer in time: the refusal text."""
-    return _closed_answer(request, "timeout", "deadline")
-
-
-def _closed_answer(request: Request, path: str, reason: str) -> Answer:
-    """The refusal text with a decision that says why no model text was released."""
-    decision = Decision(
-        guarded=request.guarded,
-        gate_score=None,
-        threshold=None,
-        fired=False,
-        path=path,
-        tenant=request.tenant,
-        reason=reason,
-    )
-    return Answer(request.refusal_text, decision)
 
 
 __all__ = ["Guard", "GuardResult", "GuardStream", "SyncGuardStream", "TenantPolicy", "to_messages"]

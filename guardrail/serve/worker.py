@@ -134,7 +134,11 @@ class Ticket:
 
 
 class Worker(Protocol):
-    """What the Guard needs from a model worker, in-process or remote."""
+    """What the Guard needs from a model worker, in-process or remote: its calibration and
+    cost model (to resolve tenants' policies against), submit and close."""
+
+    calibration: Calibration | None
+    scorers: Scorers | None
 
     def submit(self, request: Request, sink: Sink) -> Ticket:
         """Queue a request; raises `OverloadedError` when full, `ShutdownError` when closing."""

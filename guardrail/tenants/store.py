@@ -188,8 +188,17 @@ class PolicyStore:
             self._by_file, self._policies = by_file, policies
             return problems
 
-    def _maybe_reload(self) -> None:
-        if self.directory is None or time.monotonic() - self._checked < self.poll:
+    def due(self) -> bool:
+        """Whether the folder is due for its change check (no I/O: a clock read)."""
+        return self.directory is not None and time.monotonic() - self._checked >= self.poll
+
+    def policies(self) -> dict[str, Policy]:
+        """The policies in force, by tenant (no I/O)."""
+        return dict(self._policies)
+
+    def check(self) -> None:
+        """Reload if a file changed (a `stat` of each); a vanished folder keeps what we have."""
+        if self.directory is None:
             return
         try:
             changed = _stamp(policy_files(self.directory)) != self._stamp
@@ -201,6 +210,10 @@ class PolicyStore:
             self.reload()
         else:
             self._checked = time.monotonic()
+
+    def _maybe_reload(self) -> None:
+        if self.due():
+            self.check()
 
 
 def _stamp(files: list[Path]) -> tuple[tuple[str, float, int], ...]:
