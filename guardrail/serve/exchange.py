@@ -278,4 +278,11 @@ async def _anext(items: AsyncIterator[T]) -> tuple[bool, T | None]:
         return False, None
 
 
-__all__ = ["DEADLINE_GRACE_S", "Exchange", "SyncExchange", "closed_answer", "iterate_sync", "run_sync"]
+__all__ = [
+    "DEADLINE_GRACE_S",
+    "Exchange",
+    "SyncExchange",
+    "closed_answer",
+    "iterate_sync",
+    "run_sync",
+]

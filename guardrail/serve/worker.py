@@ -137,8 +137,13 @@ class Worker(Protocol):
     """What the Guard needs from a model worker, in-process or remote: its calibration and
     cost model (to resolve tenants' policies against), submit and close."""
 
-    calibration: Calibration | None
-    scorers: Scorers | None
+    @property
+    def calibration(self) -> Calibration | None:
+        """What the gate reads (None: the worker serves unguarded requests only)."""
+
+    @property
+    def scorers(self) -> Scorers | None:
+        """The cost model a budget applies to (None: no cost checks)."""
 
     def submit(self, request: Request, sink: Sink) -> Ticket:
         """Queue a request; raises `OverloadedError` when full, `ShutdownError` when closing."""

@@ -154,9 +154,9 @@ class Tenants:
                 self._refresh_in_background()
         else:
             policy = self.source.get(tenant)
-            if policy is not None and policy is not self._origin.get(tenant):
-                if policy is not self._failed(tenant):
-                    self._resolve_one(tenant, policy, policy)  # replaced in code since
+            seen = (self._origin.get(tenant), self._failed(tenant))
+            if policy is not None and all(policy is not old for old in seen):
+                self._resolve_one(tenant, policy, policy)  # replaced in code since
         if name not in self._resolved and name not in self._errors:
             fallback = isinstance(self.source, PolicyStore) and self.source.fallback_to_default
             if not fallback or "default" not in self._resolved:
