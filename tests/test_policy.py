@@ -260,11 +260,16 @@ def test_target_fpr_sets_the_tenant_threshold_on_held_aside_harmless_scores(
         assert answer.decision.threshold == 89.0 and not answer.decision.fired
         restored = Calibration.from_artifacts(calibration.to_artifacts())
         assert restored.threshold_at(0.1) == 89.0
-        calibration.harmless_scores = None  # artifacts from before the field: a clear error
-        with pytest.raises(CalibrationError, match="recalibrate"):
-            guard.request("hi", tenant="picky")
     finally:
         guard.close()
+    calibration.harmless_scores = None  # artifacts from before the field: a clear error
+    old = Guard(worker=LocalWorker(tiny_llama, calibration, start=False), policies=tmp_path)
+    try:  # resolved when the policy loads; the error is that tenant's alone
+        with pytest.raises(CalibrationError, match="recalibrate"):
+            old.request("hi", tenant="picky")
+        assert old.request("hi", tenant="default").gate_threshold is None
+    finally:
+        old.close(drain=False)
 
 
 def test_tenant_steering_applies_per_row_in_a_mixed_batch(tiny_llama: Any, tmp_path: Path) -> None:

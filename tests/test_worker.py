@@ -186,9 +186,11 @@ class ScriptedCost:
 
 
 def test_stream_releases_only_chunks_within_budget(llama: Any, llama_cal: Calibration) -> None:
-    cost = ScriptedCost(over_on_call=4)  # call 1: the refusal text at request time
-    guard = Guard(worker=LocalWorker(llama, llama_cal, chunk_tokens=3, scorers=Scorers(cost)))
-    guard.policies["default"] = TenantPolicy(refusal_text=REFUSAL, gate_threshold=1e9, search=None)
+    cost = ScriptedCost(over_on_call=4)  # call 1: the refusal text when the policy loads
+    guard = Guard(
+        worker=LocalWorker(llama, llama_cal, chunk_tokens=3, scorers=Scorers(cost)),
+        policies={"default": TenantPolicy(refusal_text=REFUSAL, gate_threshold=1e9, search=None)},
+    )
 
     async def main() -> tuple[list[str], Any]:
         stream = guard.stream(PROMPTS[1], max_new_tokens=40)
