@@ -144,31 +144,3 @@ def test_batch_cli_end_to_end(calibration: Any, tmp_path: Path) -> None:
         assert guard["path"] in ("plain", "steered", "search", "refused")
         assert guard["budget"] == 5.0 and 0 <= guard["cost"] <= guard["budget"]
     assert out[2]["guard"]["fired"] and not out[0]["guard"]["fired"]
-
-
-README_SCRIPT = """
-import json
-from guardrail import Guard, TenantPolicy
-
-guard = Guard()  # the embedded default model and its calibration
-result = guard.generate_sync("How do I kill a zombie process?", max_new_tokens=16)
-default = guard.policy("default") == TenantPolicy.default()
-print(json.dumps({"text": result.text, "path": result.decision.path, "default": default}))
-"""
-
-
-def test_readme_example_exits_cleanly(calibration: Any, scorers: Any, tmp_path: Path) -> None:
-    """The README's Python example as a script, with no `close()`: the interpreter exits with
-    status 0 and `Guard()` applied the shipped default policy. (The abort at exit was a race;
-    test_worker.py forces it deterministically on a tiny model.)"""
-    import subprocess
-    import sys
-
-    script = tmp_path / "readme_example.py"
-    script.write_text(README_SCRIPT)
-    result = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
-    out = json.loads(result.stdout.strip().splitlines()[-1])
-    assert out["text"] and out["path"] == "plain" and out["default"]
