@@ -136,12 +136,13 @@ class Guard:
 
     def request(self, messages: Any, tenant: str = "default", **overrides: Any) -> Request:
         """Build the worker request; errors in the input raise `InputError` right here."""
-        return self._request(self.tenants.get(tenant), messages, overrides)
+        return self._request(tenant, self.tenants.get(tenant), messages, overrides)
 
     def _request(
-        self, resolved: ResolvedTenant, messages: Any, overrides: Mapping[str, Any]
+        self, tenant: str, resolved: ResolvedTenant, messages: Any, overrides: Mapping[str, Any]
     ) -> Request:
-        policy, tenant = resolved.policy, resolved.name
+        """`tenant` as asked for (its policy may be the default's, by the store's fallback)."""
+        policy = resolved.policy
         unknown = set(overrides) - _OVERRIDES
         if unknown:
             raise InputError(f"unknown options {sorted(unknown)}; known: {sorted(_OVERRIDES)}")
@@ -186,7 +187,8 @@ class Guard:
 
     def _exchange(self, messages: Any, tenant: str, overrides: Mapping[str, Any]) -> Exchange:
         resolved = self.tenants.get(tenant)
-        return Exchange(self.worker, resolved, self._request(resolved, messages, overrides))
+        request = self._request(tenant, resolved, messages, overrides)
+        return Exchange(self.worker, resolved, request)
 
     async def generate(self, messages: Any, tenant: str = "default", **overrides: Any) -> Answer:
         """The answer and its decision record; cancelling the caller cancels the request."""
