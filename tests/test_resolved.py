@@ -75,12 +75,13 @@ def test_reload_runs_off_the_callers_thread_and_keeps_the_last_good(
         assert _wait_for(lambda: guard.policy("acme").refusal_text == "SECOND")
         assert checked_on and threading.current_thread().name not in checked_on
 
+        # Requests (here: policy lookups) are what start a due change check.
         path.write_text("refusal_text: [unclosed\n")  # invalid YAML
-        assert _wait_for(lambda: bool(store.problems))
+        assert _wait_for(lambda: bool(guard.policy("acme") and store.problems))
         assert guard.request("Hi", tenant="acme").refusal_text == "SECOND"
 
         path.write_text("extends: default\nrefusal_text: OVER\n")  # a refusal over budget
-        assert _wait_for(lambda: ["OVER"] in cost.calls and not store.problems)
+        assert _wait_for(lambda: bool(guard.policy("acme")) and ["OVER"] in cost.calls)
         time.sleep(0.05)  # the resolution that failed has finished
         assert guard.request("Hi", tenant="acme").refusal_text == "SECOND"
     finally:
