@@ -241,6 +241,7 @@ class LocalWorker:
         self._abort = False
         self._searches: dict[int, Generator[None, None, SearchResult]] = {}  # id(job) ->
         self._state: Prefilled | None = None
+        self._rows: list[Entry] = []  # the rows of `_state`, in order (some may have left)
         self._eos = set(lm.eos_token_ids)
         self._calibrated_steering = calibration.steering if calibration else None
         self._vectors: dict[SteeringSetting, dict[int, torch.Tensor]] = {}
@@ -332,7 +333,7 @@ class LocalWorker:
             try:
                 if admitted:
                     self._admit(admitted)
-                if self.scheduler.running:
+                if self._rows:
                     self._step()
                 if self.scheduler.searching:
                     self._advance_searches()
@@ -345,7 +346,7 @@ class LocalWorker:
                         self._fail(job, error)
                 for entry in list(self.scheduler.running):
                     self.scheduler.finish(entry)
-                self._state = None
+                self._state, self._rows = None, []
         self._fail_all(ShutdownError("the guard worker shut down before this finished"))
 
     def _admit(self, group: list[_Job]) -> None:
@@ -446,11 +447,12 @@ class LocalWorker:
         assert new_state is not None
         for job in rows:
             job.entry.reads_last = not job.coefficient and self._reads_states(job)
-        if self.scheduler.running and self._state is not None:
+        if self._rows and self._state is not None:
             self._state = concat_rows(self._state, new_state)
             self.stats.joined += len(rows)
         else:
             self._state = new_state
+        self._rows.extend(job.entry for job in rows)
         self.scheduler.joined([job.entry for job in rows])
         self.stats.max_rows = max(self.stats.max_rows, len(self.scheduler.running))
 
@@ -458,8 +460,8 @@ class LocalWorker:
         """Pick one token per row, release checked chunks, drop rows that left, decode once."""
         state = self._state
         assert state is not None
-        entries = list(self.scheduler.running)
-        jobs = [entry.job for entry in entries]
+        entries = self._rows
+        jobs: list[_Job] = [entry.job for entry in entries]
         picked = self.executor.pick(
             state.next_logits,
             [job.request.sampling for job in jobs],
@@ -477,6 +479,8 @@ class LocalWorker:
         )
         due: list[tuple[_Job, bool, int]] = []  # rows whose pending text is checked now
         for row, (job, token) in enumerate(zip(jobs, picked.tolist(), strict=True)):
+            if job.entry.phase != "running":  # it left (cancelled, past its deadline)
+                continue
             # (the token after the limit, or after the end of turn, is unused)
             if self.scheduler.ends_now(job.entry, token in self._eos):
                 due.append((job, True, row))
@@ -492,6 +496,7 @@ class LocalWorker:
         self._release(due, state)
         self.stats.steps += 1
         keep = self.scheduler.kept(entries)
+        self._rows = [entries[i] for i in keep]
         if not keep:
             self._state = None
             return
@@ -820,7 +825,7 @@ class LocalWorker:
         for entry in self.scheduler.clear():
             self._end_search(entry.job)
             self._fail(entry.job, error)
-        self._state = None
+        self._state, self._rows = None, []
         self._fail_queued(error)
 
 
