@@ -157,7 +157,7 @@ class Executor:
             )
         result = Pass(Prefilled(out.cache, mask, out.logits[:, -1, :].float()))
         if record:
-            result.recorded = torch.stack([recorder.states[i] for i in record], dim=1)
+            result.recorded = torch.stack([recorder.states[i] for i in record], dim=1).float()
         if hidden:
             result.hidden = out.hidden_states[-1][:, -1].float()
         return result
