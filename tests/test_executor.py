@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from test_worker import PROMPTS, _collect, hand_calibration
 
 from conftest import _tiny
 from guardrail.budget.critic import train_critic
@@ -21,7 +22,6 @@ from guardrail.runtime.embedder import Embedder
 from guardrail.runtime.executor import Executor
 from guardrail.runtime.forward import Sampling
 from guardrail.serve.worker import LocalWorker, Request
-from test_worker import PROMPTS, _collect, hand_calibration
 
 
 class OverAtFirstCheck:
