@@ -4,21 +4,26 @@
 in-process `LocalWorker` now, a Ray Serve deployment later): submit a `Request` with a `Sink`
 that receives released text chunks and the final `Answer`, get a `Ticket` to cancel it.
 
-`LocalWorker`'s scheduler is a plain step loop (as in vLLM's engine core):
+`LocalWorker` is a thin loop (as vLLM's engine core is): it asks the pure scheduler
+(`guardrail.serve.scheduler`: admission, fairness across tenants, joining, deadlines,
+cancellation, backpressure, which rows are due for a check, hand-off to the search lane)
+for a plan, runs it on the executor (`guardrail.runtime.executor`: every forward pass, and
+every device and dtype decision), and reports the outcome back:
 
-1. admit: take waiting requests (up to `max_batch`, waiting at most `max_wait` for a batch to
-   fill), prefill them once with the gate hooks, and decide per row: plain (steering
-   coefficient 0), steered (a second prefill of those rows only, with steering), or refused
-   (answered at once with the refusal text, never decoded);
-2. step: pick each row's next token under its own sampling settings, release text a chunk at
-   a time after the chunk check passes, drop finished, cancelled and timed-out rows
-   (`select_rows`), then run one decode step for the rest with per-row steering coefficients;
-3. join: between steps, waiting requests are prefilled and appended to the running batch
-   (`concat_rows`) when `join=True`. `bench/bench_worker.py` measures it against batch-at-a-
-   time scheduling (`join=False`) on the same 64 requests: on SmolLM2-135M, 2 CPU threads,
-   8-32 new tokens, 1/4/16/64 concurrent clients, 0.76/1.43/3.67/3.64 req/s with joining
-   against 0.71/1.24/3.46/3.34 without (2026-11-28), and lower mean latency, so joining stays
-   on; without it a new request waits for the longest row in flight.
+1. admit: the requests the scheduler admits are prefilled once with the gate's read-out and
+   decided per row: plain (steering coefficient 0), steered (a second prefill of those rows
+   only, with steering), or refused (answered at once with the refusal text, never decoded);
+2. step: pick each row's next token under its own sampling settings; its text grows
+   incrementally (`guardrail.runtime.detokenize`: no re-decoding of the whole answer), which
+   also finds stop strings; release text a chunk at a time after the chunk check passes,
+   drop rows that left (`select_rows`), then run one decode step for the rest with per-row
+   steering coefficients;
+3. join: between steps, admitted requests are appended to the running batch (`concat_rows`)
+   when `join=True`. `bench/bench_worker.py` measures it against batch-at-a-time scheduling
+   (`join=False`) on the same 64 requests: on SmolLM2-135M, 2 CPU threads, 8-32 new tokens,
+   1/4/16/64 concurrent clients, 0.76/1.43/3.67/3.64 req/s with joining against
+   0.71/1.24/3.46/3.34 without (2026-11-28), and lower mean latency, so joining stays on;
+   without it a new request waits for the longest row in flight.
 
 4. check: before a chunk is released, the cost model scores the answer so far (every row due
    in this step in one call); a chunk that would take a row over its budget is never
@@ -27,11 +32,13 @@ that receives released text chunks and the final `Answer`, get a `Ticket` to can
    its last token, once the model has read it (an answer at its token limit waits one step
    for that); text it cannot read that way (a stop-string cut, a steered row, a search's
    answer) is run through the model. A row over budget leaves the batch for the search
-   lane (InferenceGuard, continuing from the last prefix within budget), or ends with the
-   refusal text when the tenant has no search. Searches advance one forward pass per loop
-   turn, between the decode steps of everyone else, so a slow search never stalls the
-   batch. The refusal text's own cost is checked too; one over budget is replaced by an
-   empty answer.
+   lane (InferenceGuard), or ends with the refusal text when the tenant has no search. The
+   search continues from the row's own KV cache, cut back to its last prefix within budget,
+   and its own token ids (nothing is re-tokenised or run again but that prefix's last
+   token); its proxy reward reads each token's log-probability from the logits it was
+   sampled from. Searches advance one forward pass per loop turn, between the decode steps
+   of everyone else, so a slow search never stalls the batch. The refusal text's own cost
+   is checked too; one over budget is replaced by an empty answer.
 
 A broken cost model fails closed for the rows it was scoring, never for the batch.
 
