@@ -4,6 +4,7 @@ bench/bench_search.py."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -231,3 +232,47 @@ def test_search_rounds_feed_only_new_tokens_and_the_reward_reads_their_logprobs(
     assert result.tokens is not None and result.tokens[:3] == tokens[:3]
     assert widths and set(widths) == {1}  # one new token per pass
     assert len(widths) <= settings.rounds * settings.width
+
+
+class OnceOver:
+    """Cost 9 the first time it sees `text`, 0 for anything else or after."""
+
+    name, fingerprint, reads_prompt = "once-over", "v1", False
+
+    def __init__(self, text: str) -> None:
+        self.text, self.seen = text, False
+
+    def cost(self, prompts: list[str], responses: list[str]) -> list[float]:
+        out = []
+        for r in responses:
+            over = r == self.text and not self.seen
+            self.seen = self.seen or over
+            out.append(9.0 if over else 0.0)
+        return out
+
+
+def test_the_worker_search_continues_the_rows_own_cache_exactly(lm: Any) -> None:
+    """A near-greedy search of one beam, handed a row whose second chunk went over budget
+    once, writes exactly the plain answer: it continued from the row's own KV cache and
+    token ids, cut back to the released prefix (no re-tokenised prompt + text)."""
+    from test_worker import _collect
+
+    from guardrail.serve.worker import LocalWorker, Request
+
+    prompt = "Write a long poem about the sea, the wind, the stars and the sailors."
+    plain_worker = LocalWorker(lm, None, start=False)
+    plain = _collect(plain_worker, [Request(prompt, Sampling(max_new_tokens=12), guarded=False)])
+    plain_worker.close()
+    tokens = decode(lm, prefill(lm, [lm.format_chat(prompt)]), Sampling(max_new_tokens=12))[0]
+    assert _text(lm, tokens).strip() == plain[0].text and len(tokens) == 12
+    cost = OnceOver(_text(lm, tokens[:8]))
+    scorers = Scorers(cost, reward=LengthReward())
+    worker = LocalWorker(lm, None, chunk_tokens=4, scorers=scorers, start=False)
+    settings = SearchSettings(
+        width=4, samples=1, beams=1, rounds=3, temperature=1e-6, score="augmented"
+    )
+    request = Request(prompt, Sampling(max_new_tokens=12), guarded=False, budget=5.0)
+    searched = _collect(worker, [replace(request, search=settings)])[0]
+    worker.close()
+    assert cost.seen and searched.decision.path == "search" and worker.stats.searches == 1
+    assert searched.text == plain[0].text
