@@ -7,6 +7,8 @@ every loop turn is one decode step for the batch plus one pass of each search.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import dataclass, field
 
 import pytest
@@ -286,3 +288,9 @@ def test_shutdown_drains_and_clears() -> None:
     s.joined(s.plan(0.0).admit)
     assert [e.job.name for e in s.drain()] == ["r1", "r2"] and s.queued == 0
     assert [e.job.name for e in s.clear()] == ["r0"] and s.idle
+
+
+def test_the_scheduler_is_pure() -> None:
+    """No model, no tensors: importing it loads no torch (a fresh interpreter)."""
+    code = "import sys, guardrail.serve.scheduler; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
