@@ -4,7 +4,8 @@ The search should cost its candidates' new tokens (plus attention over the promp
 pass over the prompt per candidate: its cost over plain generation should not grow with the
 prompt's length. Through the worker (`LocalWorker`, one request at a time), per prompt:
 
-- plain: the request unguarded, no budget, `16 + rounds x width` new tokens;
+- plain: the request unguarded, no budget, `16 + rounds x width` new tokens (prompts whose
+  plain answer ends earlier are skipped: the comparison is at the same length);
 - search: the same request with a budget nothing meets, so the first chunk check (after 16
   tokens) hands the row to the search lane, which runs all `rounds` rounds of `beams x
   samples` candidates of `width` tokens (every round resamples) and ends with the refusal.
@@ -122,15 +123,18 @@ def main() -> None:
     )
     new_tokens = CHUNK + args.rounds * args.width
     sampling = Sampling(max_new_tokens=new_tokens)
-    short = short_prompts(args.prompts)
+    short = short_prompts(4 * args.prompts)  # the first whose plain answers reach full length
     rows = []
     answer(worker, Request(short[0], Sampling(max_new_tokens=4), guarded=False))  # warm-up
     for name, prompts in (("short", short), ("long", long_prompts(lm, short))):
-        plain, searched, search_ms, lengths, plain_tokens = [], [], [], [], []
+        plain, searched, search_ms, lengths = [], [], [], []
         for prompt in prompts:
+            if len(plain) == args.prompts:
+                break
             result, seconds = answer(worker, Request(prompt, sampling, guarded=False))
+            if result.decision.new_tokens < new_tokens:
+                continue  # an answer that ends early is not the same length
             plain.append(seconds)
-            plain_tokens.append(result.decision.new_tokens)
             lengths.append(result.decision.prompt_tokens)
             request = Request(prompt, sampling, guarded=False, budget=1.0, search=settings)
             result, seconds = answer(worker, request)
@@ -138,12 +142,12 @@ def main() -> None:
             assert result.decision.rounds == args.rounds, result.decision
             searched.append(seconds)
             search_ms.append(result.decision.timings_ms.get("search", float("nan")))
+        assert plain, f"no {name} prompt's plain answer reached {new_tokens} tokens"
         p50_plain, p50_search = statistics.median(plain), statistics.median(searched)
         rows.append(
             [
                 name,
                 int(statistics.median(lengths)),
-                statistics.mean(plain_tokens),
                 p50_plain,
                 p50_search,
                 statistics.median(search_ms) / 1000,
@@ -154,12 +158,11 @@ def main() -> None:
     print(
         f"search: {args.rounds} rounds x {args.beams} beams x {args.samples} samples x "
         f"{args.width} tokens, after a {CHUNK}-token chunk; plain: {new_tokens} new tokens; "
-        f"{args.prompts} prompts each, torch threads {torch.get_num_threads()}"
+        f"{len(plain)} prompts each, torch threads {torch.get_num_threads()}"
     )
     headers = [
         "prompts",
         "prompt tokens",
-        "plain new tokens",
         "plain p50 s",
         "search p50 s",
         "search phase p50 s",

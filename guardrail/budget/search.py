@@ -37,7 +37,7 @@ from guardrail.budget.critic import Critic
 from guardrail.budget.scoring import CostModel, RewardModel, TokenReward
 from guardrail.errors import InputError
 from guardrail.runtime.executor import Executor
-from guardrail.runtime.forward import Prefilled, select_rows
+from guardrail.runtime.forward import Prefilled
 from guardrail.runtime.hooks import Steering
 from guardrail.runtime.model import LanguageModel
 
@@ -193,7 +193,9 @@ def search(
             (beams[i % len(beams)] for i in range(settings.beams * settings.samples)),
             key=lambda b: b.row,
         )
-        grown = executor.take(state, [beam.row for beam in parents])
+        grown = executor.reserve(
+            executor.take(state, [beam.row for beam in parents]), settings.width
+        )
         grown_hidden = hidden[[beam.row for beam in parents]].clone()
         limits = [max_new_tokens - (len(b.tokens) - len(prefix)) for b in parents]
         new, ended, new_lps = yield from _sample_chunk(
@@ -231,7 +233,7 @@ def search(
         best_finished = max((b.score for b in finished), default=None)
         # A beam that already scores below a finished answer cannot win: stop growing it.
         keep = [i for i in keep if best_finished is None or scores[i] > best_finished]
-        state, hidden = select_rows(grown, keep), grown_hidden[keep]
+        state, hidden = executor.select(grown, keep), grown_hidden[keep]
         beams = [
             _Beam(candidates[i], row, scores[i], costs[i], logprobs[i])
             for row, i in enumerate(keep)

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -146,10 +148,13 @@ class Executor:
         latent cost model's); `hidden`: the last layer's too (the critic's h)."""
         mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(len(tokens), 1)], -1)
         recorder = Recorder(record)
+        # Without padding one new token attends to every position: no mask, so attention
+        # reads grouped key/value heads as they are (with a mask they are copied per head).
+        padded = not bool(state.attention_mask.all())
         with self._hooks(steering, recorder):
             out = self.lm.model(
                 input_ids=self.put(tokens)[:, None],
-                attention_mask=mask,
+                attention_mask=mask if padded else None,
                 position_ids=mask.sum(-1, keepdim=True) - 1,
                 cache=state.cache,
                 use_cache=True,
@@ -170,11 +175,44 @@ class Executor:
         tensors = {
             id(t): t
             for layer in getattr(state.cache, "layers", [])
-            for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+            for t in (
+                getattr(layer, "keys", None),
+                getattr(layer, "values", None),
+                *getattr(layer, "room", ()),
+            )
             if t is not None
         }
         cache = copy.deepcopy(state.cache, memo=dict(tensors))  # the structure, not the data
-        return select_rows(Prefilled(cache, state.attention_mask, state.next_logits), rows)
+        return Executor.select(Prefilled(cache, state.attention_mask, state.next_logits), rows)
+
+    @staticmethod
+    def select(state: Prefilled, rows: Sequence[int]) -> Prefilled:
+        """`select_rows`, in place, releasing any room `reserve` made."""
+        selected = select_rows(state, rows)
+        for layer in getattr(selected.cache, "layers", []):
+            for name in ("room", "update"):
+                layer.__dict__.pop(name, None)
+        return selected
+
+    @staticmethod
+    def reserve(state: Prefilled, room: int) -> Prefilled:
+        """Give each layer of `state`'s cache room for `room` more positions, so the next
+        decode steps write their keys and values in place instead of copying the whole cache
+        at every token (the search's forks: many rows over one long prompt). Any other change
+        to the cache (rows selected, joined) falls back to the usual growth."""
+        for layer in getattr(state.cache, "layers", []):
+            keys = getattr(layer, "keys", None)
+            if keys is None or not keys.numel() or room <= 0:
+                continue
+            rows, heads, length, _ = keys.shape
+            key_room = keys.new_empty(rows, heads, length + room, keys.shape[-1])
+            value_room = layer.values.new_empty(rows, heads, length + room, layer.values.shape[-1])
+            key_room[:, :, :length] = keys
+            value_room[:, :, :length] = layer.values
+            layer.keys, layer.values = key_room[:, :, :length], value_room[:, :, :length]
+            layer.room = (key_room, value_room)
+            layer.update = types.MethodType(_update_in_place, layer)
+        return state
 
     @staticmethod
     def drop_last(state: Prefilled, positions: int) -> Prefilled:
@@ -239,6 +277,28 @@ class Executor:
             self._critics.add(id(critic))
         values = critic(h.float().to(self.device), torch.tensor(list(z), device=self.device))
         return [float(v) for v in values]
+
+
+def _update_in_place(
+    layer: Any, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A cache layer's `update` that writes into the room `Executor.reserve` made, while the
+    layer's keys are still the start of that room; else the layer's own update."""
+    key_room, value_room = layer.room
+    length, new = layer.keys.shape[-2], key_states.shape[-2]
+    if (
+        layer.keys.data_ptr() == key_room.data_ptr()
+        and layer.keys.shape[0] == key_room.shape[0] == key_states.shape[0]
+        and length + new <= key_room.shape[-2]
+    ):
+        key_room[:, :, length : length + new] = key_states
+        value_room[:, :, length : length + new] = value_states
+        layer.keys = key_room[:, :, : length + new]
+        layer.values = value_room[:, :, : length + new]
+        return layer.keys, layer.values
+    del layer.update, layer.room  # back to the class's growth by concatenation
+    keys, values = layer.update(key_states, value_states, *args, **kwargs)
+    return keys, values
 
 
 __all__ = ["Executor", "Pass"]
