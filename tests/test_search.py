@@ -4,6 +4,7 @@ bench/bench_search.py."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -175,3 +176,103 @@ def test_checks_fall_on_the_streams_chunks_whatever_the_width(lm: Any) -> None:
     )
     result = _search(lm, Scorers(cost, reward=LengthReward()), settings, max_new_tokens=6)
     assert result.tokens == greedy[:3] and result.resampled == 1  # cut where it was in budget
+
+
+def test_search_rounds_feed_only_new_tokens_and_the_reward_reads_their_logprobs(lm: Any) -> None:
+    """From a row's own state, every forward pass of the search (the proxy reward's included)
+    feeds one token per candidate: nothing runs the prompt again. The reward's fluency term,
+    read from the logits the tokens were sampled from, is the NLL a full pass computes."""
+    from guardrail.budget.scoring import ProxyReward
+    from guardrail.budget.search import SearchStart
+    from guardrail.runtime.embedder import Embedder
+    from guardrail.runtime.executor import Executor
+    from guardrail.runtime.forward import token_nlls
+
+    reward = ProxyReward(Embedder(), lm)
+    executor = Executor(lm)
+    answer = "The sea is wide, and the waves are blue."
+    ids = lm.tokenizer(lm.format_chat(PROMPT), add_special_tokens=False)["input_ids"]
+    tokens = lm.tokenizer(answer, add_special_tokens=False)["input_ids"]
+    read = executor.prefill([ids + tokens], logprobs=len(tokens)).logprobs
+    assert read is not None
+    full = token_nlls(lm, [PROMPT], [answer])[0]
+    assert torch.allclose(-read[0], full, atol=1e-4)
+    nll = float(full.mean())
+    expected = reward.reward([PROMPT], [answer])[0]
+    assert reward.reward_with_nlls([PROMPT], [answer], [nll])[0] == pytest.approx(expected)
+
+    prefilled = executor.prefill([ids + tokens[:3]], hidden=True, logprobs=3)
+    assert prefilled.hidden is not None and prefilled.logprobs is not None
+    start = SearchStart(prefilled.state, prefilled.hidden, prefilled.logprobs[0].tolist())
+    widths: list[int] = []
+
+    def count(_module: Any, args: Any, kwargs: Any) -> None:
+        widths.append(int((kwargs.get("input_ids") if "input_ids" in kwargs else args[0]).shape[1]))
+
+    handle = lm.model.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        settings = SearchSettings(width=3, samples=2, beams=2, rounds=3, score="augmented")
+        result = run(
+            search(
+                lm,
+                lm.format_chat(PROMPT),
+                PROMPT,
+                Scorers(TextCost(), reward=reward),
+                settings,
+                budget=5.0,
+                max_new_tokens=9,
+                prefix=tokens[:3],
+                start=start,
+                executor=executor,
+                generator=torch.Generator().manual_seed(0),
+            )
+        )
+    finally:
+        handle.remove()
+    assert result.tokens is not None and result.tokens[:3] == tokens[:3]
+    assert widths and set(widths) == {1}  # one new token per pass
+    assert len(widths) <= settings.rounds * settings.width
+
+
+class OnceOver:
+    """Cost 9 the first time it sees `text`, 0 for anything else or after."""
+
+    name, fingerprint, reads_prompt = "once-over", "v1", False
+
+    def __init__(self, text: str) -> None:
+        self.text, self.seen = text, False
+
+    def cost(self, prompts: list[str], responses: list[str]) -> list[float]:
+        out = []
+        for r in responses:
+            over = r == self.text and not self.seen
+            self.seen = self.seen or over
+            out.append(9.0 if over else 0.0)
+        return out
+
+
+def test_the_worker_search_continues_the_rows_own_cache_exactly(lm: Any) -> None:
+    """A near-greedy search of one beam, handed a row whose second chunk went over budget
+    once, writes exactly the plain answer: it continued from the row's own KV cache and
+    token ids, cut back to the released prefix (no re-tokenised prompt + text)."""
+    from test_worker import _collect
+
+    from guardrail.serve.worker import LocalWorker, Request
+
+    prompt = "Write a long poem about the sea, the wind, the stars and the sailors."
+    plain_worker = LocalWorker(lm, None, start=False)
+    plain = _collect(plain_worker, [Request(prompt, Sampling(max_new_tokens=12), guarded=False)])
+    plain_worker.close()
+    tokens = decode(lm, prefill(lm, [lm.format_chat(prompt)]), Sampling(max_new_tokens=12))[0]
+    assert _text(lm, tokens).strip() == plain[0].text and len(tokens) == 12
+    cost = OnceOver(_text(lm, tokens[:8]))
+    scorers = Scorers(cost, reward=LengthReward())
+    worker = LocalWorker(lm, None, chunk_tokens=4, scorers=scorers, start=False)
+    settings = SearchSettings(
+        width=4, samples=1, beams=1, rounds=3, temperature=1e-6, score="augmented"
+    )
+    request = Request(prompt, Sampling(max_new_tokens=12), guarded=False, budget=5.0)
+    searched = _collect(worker, [replace(request, search=settings)])[0]
+    worker.close()
+    assert cost.seen and searched.decision.path == "search" and worker.stats.searches == 1
+    assert searched.text == plain[0].text

@@ -24,7 +24,7 @@ import hashlib
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -52,6 +52,18 @@ class RewardModel(Protocol):
     """`reward(prompts, responses)`: one float per pair; higher is more helpful."""
 
     def reward(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]: ...
+
+
+@runtime_checkable
+class TokenReward(Protocol):
+    """A reward whose fluency term reads each answer's mean token NLL: a caller that sampled
+    the answer has it from the logits it sampled from, with no pass over prompt + answer."""
+
+    def reward(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]: ...
+
+    def reward_with_nlls(
+        self, prompts: Sequence[str], responses: Sequence[str], nlls: Sequence[float | None]
+    ) -> list[float]: ...
 
 
 class ProbeCost:
@@ -136,6 +148,33 @@ class ProxyReward:
     def reward(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
         return [r[0] for r in self.reward_prefixes(prompts, [[r] for r in responses])]
 
+    def reward_with_nlls(
+        self, prompts: Sequence[str], responses: Sequence[str], nlls: Sequence[float | None]
+    ) -> list[float]:
+        """`reward` with each response's mean token NLL given (None: computed here), as the
+        search reads it from the logits it sampled the tokens from."""
+        out: list[float] = [0.0] * len(responses)
+        missing = [i for i, nll in enumerate(nlls) if nll is None]
+        if missing:
+            values = self.reward([prompts[i] for i in missing], [responses[i] for i in missing])
+            for i, value in zip(missing, values, strict=True):
+                out[i] = value
+        known = [i for i, nll in enumerate(nlls) if nll is not None]
+        if known:
+            relevance = self._relevance([prompts[i] for i in known], [responses[i] for i in known])
+            for i, r in zip(known, relevance, strict=True):
+                nll = nlls[i]
+                assert nll is not None
+                out[i] = r - self.nll_weight * nll
+        return out
+
+    def _relevance(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        """cos(embed(prompt), embed(response)); each distinct prompt embedded once."""
+        unique = list(dict.fromkeys(prompts))
+        by_prompt = dict(zip(unique, self.embedder.embed(unique), strict=True))
+        queries = torch.stack([by_prompt[p] for p in prompts])
+        return [float(v) for v in (queries * self.embedder.embed(responses)).sum(-1)]
+
     def reward_prefixes(
         self, prompts: Sequence[str], prefixes: Sequence[Sequence[str]]
     ) -> list[list[float]]:
@@ -206,4 +245,5 @@ __all__ = [
     "ProbeCost",
     "ProxyReward",
     "RewardModel",
+    "TokenReward",
 ]

@@ -25,8 +25,6 @@ slow search with the decode steps of everyone else; `run` drives it to the end.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import math
 import time
 from collections.abc import Generator, Sequence
@@ -36,9 +34,10 @@ from typing import Literal
 import torch
 
 from guardrail.budget.critic import Critic
-from guardrail.budget.scoring import CostModel, RewardModel
+from guardrail.budget.scoring import CostModel, RewardModel, TokenReward
 from guardrail.errors import InputError
-from guardrail.runtime.forward import Prefilled, select_rows
+from guardrail.runtime.executor import Executor
+from guardrail.runtime.forward import Prefilled
 from guardrail.runtime.hooks import Steering
 from guardrail.runtime.model import LanguageModel
 
@@ -106,62 +105,41 @@ class SearchResult:
 
 
 @dataclass
+class SearchStart:
+    """Where a search continues a row from: the row's own KV cache with the logits after its
+    prefix, the last hidden state there, and the prefix tokens' log-probabilities (the
+    reward's fluency term; None: unknown, the reward reads the text instead)."""
+
+    state: Prefilled
+    hidden: torch.Tensor  # [1, hidden]
+    logprobs: list[float] | None = None
+
+
+@dataclass
 class _Beam:
     tokens: list[int]
     row: int  # row in the beams' state
     score: float = 0.0
     cost: float = -math.inf  # path cost; the search's starting prefix was checked by its caller
+    logprobs: list[float] | None = None  # each token's, under the logits it was sampled from
 
 
-class _Runner:
-    """The model as the search runs it: steering (when the gate fired) on for every pass and
-    removed before each yield, the last hidden state read at every step."""
+class _Steered:
+    """The search's steering (when the gate fired): on for every pass of the search."""
 
     def __init__(
-        self, lm: LanguageModel, steering: tuple[dict[int, torch.Tensor], float] | None
+        self, executor: Executor, steering: tuple[dict[int, torch.Tensor], float] | None
     ) -> None:
-        self.lm = lm
-        self.strength = steering[1] if steering else 0.0
-        self.hooks = Steering(steering[0]) if steering else None
+        self.executor, self.steering = executor, steering
+        self._built: tuple[int, Steering | None] = (-1, None)
 
-    def _applied(self, rows: int) -> contextlib.AbstractContextManager[object]:
-        if self.hooks is None:
-            return contextlib.nullcontext()
-        self.hooks.coefficients = torch.full((rows,), self.strength, device=self.lm.device)
-        return self.hooks.applied(self.lm.model)
-
-    @torch.inference_mode()
-    def prefill(self, text: str) -> tuple[Prefilled, torch.Tensor]:
-        batch = self.lm.encode([text])
-        mask = batch["attention_mask"]
-        with self._applied(1):
-            out = self.lm.model(
-                input_ids=batch["input_ids"],
-                attention_mask=mask,
-                position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                use_cache=True,
-                output_hidden_states=True,
-            )
-        state = Prefilled(out.cache, mask, out.logits[:, -1, :].float())
-        return state, out.hidden_states[-1][:, -1].float()
-
-    @torch.inference_mode()
-    def decode(self, state: Prefilled, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row (in place); returns the rows' last hidden states."""
-        mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(len(tokens), 1)], -1)
-        with self._applied(len(tokens)):
-            out = self.lm.model(
-                input_ids=tokens[:, None].to(self.lm.device),
-                attention_mask=mask,
-                position_ids=mask.sum(-1, keepdim=True) - 1,
-                cache=state.cache,
-                use_cache=True,
-                output_hidden_states=True,
-            )
-        state.cache, state.attention_mask = out.cache, mask
-        state.next_logits = out.logits[:, -1, :].float()
-        last: torch.Tensor = out.hidden_states[-1][:, -1].float()
-        return last
+    def hooks(self, rows: int) -> Steering | None:
+        if self.steering is None:
+            return None
+        if self._built[0] != rows:
+            vectors, strength = self.steering
+            self._built = (rows, self.executor.steering([vectors] * rows, [strength] * rows))
+        return self._built[1]
 
 
 def search(
@@ -176,24 +154,35 @@ def search(
     prefix: Sequence[int] = (),
     steering: tuple[dict[int, torch.Tensor], float] | None = None,
     generator: torch.Generator | None = None,
+    start: SearchStart | None = None,
+    executor: Executor | None = None,
 ) -> Generator[None, None, SearchResult]:
     """Search for an answer to `prompt_text` (chat-formatted) continuing `prefix`.
 
     `query` is what the cost and reward models read as the prompt; `steering` (vectors,
-    strength) stays on for every forward pass when the gate fired.
+    strength) stays on for every forward pass when the gate fired. `start`: the row's own
+    state after `prefix` (the worker's); without it the prompt's ids and `prefix` are run
+    once.
     """
     if settings.score == "critic" and scorers.critic is None:
         raise ValueError("score='critic' needs a trained critic")
     if scorers.reward is None:
         raise ValueError(f"score={settings.score!r} needs a reward model")
     started = time.monotonic()
-    runner = _Runner(lm, steering)
+    executor = executor or Executor(lm)
+    steered = _Steered(executor, steering)
     prefix = list(prefix)
-    state, hidden = runner.prefill(
-        prompt_text + str(lm.tokenizer.decode(prefix, skip_special_tokens=True))
-    )
-    yield
-    beams = [_Beam(prefix, 0)]
+    if start is None:
+        ids = lm.tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+        out = executor.prefill(
+            [list(ids) + prefix], steering=steered.hooks(1), hidden=True, logprobs=len(prefix)
+        )
+        assert out.hidden is not None
+        lps = out.logprobs[0].tolist() if out.logprobs is not None else []
+        start = SearchStart(out.state, out.hidden, lps)
+        yield
+    state, hidden = start.state, start.hidden
+    beams = [_Beam(prefix, 0, logprobs=start.logprobs)]
     finished: list[_Beam] = []
     penalised: set[int] = set()
     result = SearchResult(None, None, None)
@@ -204,21 +193,29 @@ def search(
             (beams[i % len(beams)] for i in range(settings.beams * settings.samples)),
             key=lambda b: b.row,
         )
-        grown = select_rows(copy.deepcopy(state), [beam.row for beam in parents])
+        grown = executor.reserve(
+            executor.take(state, [beam.row for beam in parents]), settings.width
+        )
         grown_hidden = hidden[[beam.row for beam in parents]].clone()
         limits = [max_new_tokens - (len(b.tokens) - len(prefix)) for b in parents]
-        new, ended = yield from _sample_chunk(
-            runner, grown, grown_hidden, settings, penalised, generator, limits
+        new, ended, new_lps = yield from _sample_chunk(
+            executor, steered, grown, grown_hidden, settings, penalised, generator, limits
         )
         result.sampled += sum(map(len, new))
         candidates = [p.tokens + t for p, t in zip(parents, new, strict=True)]
+        logprobs = [
+            None if p.logprobs is None else p.logprobs + lp
+            for p, lp in zip(parents, new_lps, strict=True)
+        ]
         done = [
             e or len(c) - len(prefix) >= max_new_tokens
             for c, e in zip(candidates, ended, strict=True)
         ]
         texts = [str(lm.tokenizer.decode(c, skip_special_tokens=True)) for c in candidates]
         costs = _path_costs(lm, scorers.cost, query, parents, new, texts, settings.check)
-        scores = _scores(scorers, settings, query, texts, costs, budget, grown_hidden, done)
+        scores = _scores(
+            executor, scorers, settings, query, texts, logprobs, costs, budget, grown_hidden, done
+        )
         result.candidates += len(texts)
         within = [i for i, c in enumerate(costs) if c <= budget]
         if not within and settings.strict and settings.resample:
@@ -236,8 +233,11 @@ def search(
         best_finished = max((b.score for b in finished), default=None)
         # A beam that already scores below a finished answer cannot win: stop growing it.
         keep = [i for i in keep if best_finished is None or scores[i] > best_finished]
-        state, hidden = select_rows(grown, keep), grown_hidden[keep]
-        beams = [_Beam(candidates[i], row, scores[i], costs[i]) for row, i in enumerate(keep)]
+        state, hidden = executor.select(grown, keep), grown_hidden[keep]
+        beams = [
+            _Beam(candidates[i], row, scores[i], costs[i], logprobs[i])
+            for row, i in enumerate(keep)
+        ]
     # Out of rounds: a beam still growing is an answer cut at the search's length.
     pool = [b for b in finished + beams if len(b.tokens) > len(prefix) or not settings.strict]
     if settings.strict:
@@ -276,89 +276,102 @@ def _path_costs(
 
 
 def _sample_chunk(
-    runner: _Runner,
+    executor: Executor,
+    steered: _Steered,
     state: Prefilled,
     hidden: torch.Tensor,
     settings: SearchSettings,
     penalised: set[int],
     generator: torch.Generator | None,
     limits: list[int],
-) -> Generator[None, None, tuple[list[list[int]], list[bool]]]:
+) -> Generator[None, None, tuple[list[list[int]], list[bool], list[list[float]]]]:
     """Sample up to `width` tokens per row, in place on `state` and `hidden` (each row's
-    last hidden state); returns the tokens and whether each row ended its turn."""
+    last hidden state); returns the tokens, whether each row ended its turn, and each
+    token's log-probability under the logits it was sampled from."""
     rows = len(limits)
-    eos = set(runner.lm.eos_token_ids)
-    pad = int(runner.lm.tokenizer.pad_token_id)
+    eos = set(executor.lm.eos_token_ids)
     tokens: list[list[int]] = [[] for _ in range(rows)]
+    logprobs: list[list[float]] = [[] for _ in range(rows)]
     ended = [False] * rows
     alive = [limit > 0 for limit in limits]
-    penalty = torch.zeros(state.next_logits.shape[1])
-    if penalised:
-        penalty[sorted(penalised)] = settings.penalty
     for _ in range(settings.width):
         if not any(alive):
             break
-        picked = _sample(state.next_logits - penalty, settings, generator)
+        picked, lps = executor.sample(
+            state.next_logits,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            generator=generator,
+            penalised=sorted(penalised),
+            penalty=settings.penalty,
+        )
+        picked_list, lp_list = picked.tolist(), lps.tolist()
         stepped = []
         for row in (r for r in range(rows) if alive[r]):
-            token = int(picked[row])
+            token = int(picked_list[row])
             if token in eos:
                 ended[row], alive[row] = True, False
                 continue
             tokens[row].append(token)
+            logprobs[row].append(float(lp_list[row]))
             stepped.append(row)
             alive[row] = len(tokens[row]) < limits[row]
         if not stepped:
             break
-        fed = torch.full_like(picked, pad)
+        fed = torch.full_like(picked, executor.pad)
         fed[stepped] = picked[stepped]
-        last = runner.decode(state, fed)
-        hidden[stepped] = last[stepped]
+        out = executor.step(state, fed, steering=steered.hooks(rows), hidden=True)
+        state.cache, state.attention_mask = out.state.cache, out.state.attention_mask
+        state.next_logits = out.state.next_logits
+        assert out.hidden is not None
+        hidden[stepped] = out.hidden[stepped]
         yield
-    return tokens, ended
-
-
-def _sample(
-    logits: torch.Tensor, settings: SearchSettings, generator: torch.Generator | None
-) -> torch.Tensor:
-    probs = torch.softmax(logits / max(settings.temperature, 1e-4), dim=-1)
-    if settings.top_p < 1:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        sorted_probs[sorted_probs.cumsum(-1) - sorted_probs > settings.top_p] = 0
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return tokens, ended, logprobs
 
 
 def _scores(
+    executor: Executor,
     scorers: Scorers,
     settings: SearchSettings,
     query: str,
     texts: list[str],
+    logprobs: list[list[float] | None],
     costs: list[float],
     budget: float,
     hidden: torch.Tensor,
     done: list[bool],
 ) -> list[float]:
-    assert scorers.reward is not None
     if settings.score == "lagrangian":
-        rewards = scorers.reward.reward([query] * len(texts), texts)
+        rewards = _rewards(scorers, query, texts, logprobs)
         return [r - settings.lagrange * c for r, c in zip(rewards, costs, strict=True)]
     # Over budget is worth `unsafe_value` whatever it says: score only the rest.
     scores = [settings.unsafe_value] * len(texts)
     within = [i for i, c in enumerate(costs) if c <= budget]
     if not within:
         return scores
-    rewards = scorers.reward.reward([query] * len(within), [texts[i] for i in within])
+    rewards = _rewards(scorers, query, [texts[i] for i in within], [logprobs[i] for i in within])
     corrections = [0.0] * len(within)
     if settings.score == "critic":
         # V = the prefix's augmented reward + the critic's correction; a finished answer is
         # worth its reward: the critic only estimates where unfinished ones are heading.
         assert scorers.critic is not None
-        z = torch.tensor([budget - costs[i] for i in within])
-        corrections = scorers.critic.value(hidden[within], z)
+        z = [budget - costs[i] for i in within]
+        corrections = executor.critic_values(scorers.critic, hidden[within], z)
     for i, r, v in zip(within, rewards, corrections, strict=True):
         scores[i] = r if done[i] else r + v
     return scores
+
+
+def _rewards(
+    scorers: Scorers, query: str, texts: list[str], logprobs: list[list[float] | None]
+) -> list[float]:
+    """The reward of each text; a reward that reads fluency from token log-probabilities
+    (the proxy reward) gets them as sampled, instead of running the texts through the model."""
+    assert scorers.reward is not None
+    if isinstance(scorers.reward, TokenReward):
+        nlls = [-sum(lp) / len(lp) if lp else None for lp in logprobs]
+        return scorers.reward.reward_with_nlls([query] * len(texts), texts, nlls)
+    return scorers.reward.reward([query] * len(texts), texts)
 
 
 def run(steps: Generator[None, None, SearchResult]) -> SearchResult:
@@ -370,4 +383,13 @@ def run(steps: Generator[None, None, SearchResult]) -> SearchResult:
             return stop.value  # type: ignore[no-any-return]
 
 
-__all__ = ["Score", "Scorers", "SearchResult", "SearchSettings", "path_cost", "run", "search"]
+__all__ = [
+    "Score",
+    "Scorers",
+    "SearchResult",
+    "SearchSettings",
+    "SearchStart",
+    "path_cost",
+    "run",
+    "search",
+]

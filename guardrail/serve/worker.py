@@ -4,21 +4,26 @@
 in-process `LocalWorker` now, a Ray Serve deployment later): submit a `Request` with a `Sink`
 that receives released text chunks and the final `Answer`, get a `Ticket` to cancel it.
 
-`LocalWorker`'s scheduler is a plain step loop (as in vLLM's engine core):
+`LocalWorker` is a thin loop (as vLLM's engine core is): it asks the pure scheduler
+(`guardrail.serve.scheduler`: admission, fairness across tenants, joining, deadlines,
+cancellation, backpressure, which rows are due for a check, hand-off to the search lane)
+for a plan, runs it on the executor (`guardrail.runtime.executor`: every forward pass, and
+every device and dtype decision), and reports the outcome back:
 
-1. admit: take waiting requests (up to `max_batch`, waiting at most `max_wait` for a batch to
-   fill), prefill them once with the gate hooks, and decide per row: plain (steering
-   coefficient 0), steered (a second prefill of those rows only, with steering), or refused
-   (answered at once with the refusal text, never decoded);
-2. step: pick each row's next token under its own sampling settings, release text a chunk at
-   a time after the chunk check passes, drop finished, cancelled and timed-out rows
-   (`select_rows`), then run one decode step for the rest with per-row steering coefficients;
-3. join: between steps, waiting requests are prefilled and appended to the running batch
-   (`concat_rows`) when `join=True`. `bench/bench_worker.py` measures it against batch-at-a-
-   time scheduling (`join=False`) on the same 64 requests: on SmolLM2-135M, 2 CPU threads,
-   8-32 new tokens, 1/4/16/64 concurrent clients, 0.76/1.43/3.67/3.64 req/s with joining
-   against 0.71/1.24/3.46/3.34 without (2026-11-28), and lower mean latency, so joining stays
-   on; without it a new request waits for the longest row in flight.
+1. admit: the requests the scheduler admits are prefilled once with the gate's read-out and
+   decided per row: plain (steering coefficient 0), steered (a second prefill of those rows
+   only, with steering), or refused (answered at once with the refusal text, never decoded);
+2. step: pick each row's next token under its own sampling settings; its text grows
+   incrementally (`guardrail.runtime.detokenize`: no re-decoding of the whole answer), which
+   also finds stop strings; release text a chunk at a time after the chunk check passes,
+   drop rows that left (`select_rows`), then run one decode step for the rest with per-row
+   steering coefficients;
+3. join: between steps, admitted requests are appended to the running batch (`concat_rows`)
+   when `join=True`. `bench/bench_worker.py` measures it against batch-at-a-time scheduling
+   (`join=False`) on the same 64 requests: on SmolLM2-135M, 2 CPU threads, 8-32 new tokens,
+   1/4/16/64 concurrent clients, 0.76/1.43/3.67/3.64 req/s with joining against
+   0.71/1.24/3.46/3.34 without (2026-11-28), and lower mean latency, so joining stays on;
+   without it a new request waits for the longest row in flight.
 
 4. check: before a chunk is released, the cost model scores the answer so far (every row due
    in this step in one call); a chunk that would take a row over its budget is never
@@ -27,11 +32,13 @@ that receives released text chunks and the final `Answer`, get a `Ticket` to can
    its last token, once the model has read it (an answer at its token limit waits one step
    for that); text it cannot read that way (a stop-string cut, a steered row, a search's
    answer) is run through the model. A row over budget leaves the batch for the search
-   lane (InferenceGuard, continuing from the last prefix within budget), or ends with the
-   refusal text when the tenant has no search. Searches advance one forward pass per loop
-   turn, between the decode steps of everyone else, so a slow search never stalls the
-   batch. The refusal text's own cost is checked too; one over budget is replaced by an
-   empty answer.
+   lane (InferenceGuard), or ends with the refusal text when the tenant has no search. The
+   search continues from the row's own KV cache, cut back to its last prefix within budget,
+   and its own token ids (nothing is re-tokenised or run again but that prefix's last
+   token); its proxy reward reads each token's log-probability from the logits it was
+   sampled from. Searches advance one forward pass per loop turn, between the decode steps
+   of everyone else, so a slow search never stalls the batch. The refusal text's own cost
+   is checked too; one over budget is replaced by an empty answer.
 
 A broken cost model fails closed for the rows it was scoring, never for the batch.
 
@@ -43,9 +50,7 @@ the process ("terminate called without an active exception", exit status 134).
 from __future__ import annotations
 
 import atexit
-import contextlib
 import logging
-import queue
 import threading
 import time
 import weakref
@@ -58,22 +63,17 @@ import torch
 
 from guardrail.budget.checks import cost_query
 from guardrail.budget.latent import state_reader
-from guardrail.budget.search import Scorers, SearchResult, SearchSettings, search
+from guardrail.budget.search import Scorers, SearchResult, SearchSettings, SearchStart, search
 from guardrail.decision import DEFAULT_REFUSAL, Answer, Decision, OnFire, resolve_action
-from guardrail.errors import GuardrailError, InputError, OverloadedError, ShutdownError
+from guardrail.errors import GuardrailError, InputError, ShutdownError
 from guardrail.gate.artifact import Calibration, SteeringSetting
 from guardrail.gate.readout import read_weights
-from guardrail.runtime.forward import (
-    Prefilled,
-    Sampling,
-    concat_rows,
-    decode_step,
-    pick_rows,
-    prefill,
-    select_rows,
-)
-from guardrail.runtime.hooks import Pooler, Recorder, Steering
+from guardrail.runtime.detokenize import Detokenizer
+from guardrail.runtime.executor import Executor
+from guardrail.runtime.forward import Prefilled, Sampling, concat_rows, select_rows
+from guardrail.runtime.hooks import Steering
 from guardrail.runtime.model import Chat, LanguageModel, Prompt
+from guardrail.serve.scheduler import Entry, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,7 @@ class _Job:
     sink: Sink
     ticket: Ticket
     submitted: float
+    entry: Entry = field(init=False)
     prompt: str = ""
     tokens: list[int] = field(default_factory=list)
     released_tokens: int = 0
@@ -177,9 +178,22 @@ class _Job:
     state: torch.Tensor | None = None
     state_tokens: int = -1
     scorers: Scorers | None = None  # the worker's, with the request's cost model
-    # At its token limit, waiting one decode step for the model to read its last token, so
-    # that the final check reads states rather than running the answer through the model.
-    reading_last: bool = False
+    detok: Detokenizer | None = None  # the answer's text, token by token
+    fed: int = 0  # answer tokens in the row's KV cache
+    # Each answer token's log-probability under the logits it was picked from (rows that
+    # may search: the search's reward reads the prefix's from here).
+    logprobs: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        request = self.request
+        self.entry = Entry(
+            tenant=request.tenant,
+            submitted=self.submitted,
+            max_new_tokens=request.sampling.max_new_tokens,
+            ticket=self.ticket,
+            deadline=request.deadline,
+            job=self,
+        )
 
 
 @dataclass
@@ -220,9 +234,15 @@ class LocalWorker:
 
         `scorers`: the cost model (and the reward model and critic the search ranks by);
         without them requests with a budget are refused at submission."""
-        if max_batch < 1 or max_queue < 1 or chunk_tokens < 1:
-            raise ValueError("max_batch, max_queue and chunk_tokens must be >= 1")
+        self.scheduler = Scheduler(
+            max_batch=max_batch,
+            max_queue=max_queue,
+            chunk_tokens=chunk_tokens,
+            max_wait=max_wait,
+            join=join,
+        )
         self.lm = lm
+        self.executor = Executor(lm)
         self.calibration = calibration
         self.max_batch = max_batch
         self.max_wait = max_wait
@@ -231,13 +251,13 @@ class LocalWorker:
         self.join = join
         self.torch_threads = torch_threads
         self.stats = WorkerStats()
-        self._queue: queue.Queue[_Job] = queue.Queue(maxsize=max_queue)
         self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
         self._accepting = True
         self._abort = False
-        self._jobs: list[_Job] = []
-        self._searches: list[tuple[_Job, Generator[None, None, SearchResult]]] = []
+        self._searches: dict[int, Generator[None, None, SearchResult]] = {}  # id(job) ->
         self._state: Prefilled | None = None
+        self._rows: list[Entry] = []  # the rows of `_state`, in order (some may have left)
         self._eos = set(lm.eos_token_ids)
         self._calibrated_steering = calibration.steering if calibration else None
         self._vectors: dict[SteeringSetting, dict[int, torch.Tensor]] = {}
@@ -274,22 +294,18 @@ class LocalWorker:
             except ValueError as exc:
                 raise InputError(str(exc)) from exc
         ticket = Ticket()
-        with self._lock:
+        with self._wake:
             if not self._accepting:
                 raise ShutdownError("the guard worker is shutting down; request not accepted")
-            try:
-                self._queue.put_nowait(_Job(request, sink, ticket, time.monotonic()))
-            except queue.Full:
-                raise OverloadedError(
-                    f"the guard worker is overloaded: {self._queue.maxsize} requests already "
-                    "waiting; retry later"
-                ) from None
+            self.scheduler.add(_Job(request, sink, ticket, time.monotonic()).entry)
+            self._wake.notify()
         return ticket
 
     def close(self, *, drain: bool = True, timeout: float | None = None) -> None:
-        with self._lock:
+        with self._wake:
             self._accepting = False
             self._abort = self._abort or not drain
+            self._wake.notify()
         if not self._thread.is_alive():  # never started: nothing will serve the queue
             self._fail_queued(ShutdownError("the guard worker was closed before it started"))
             return
@@ -299,81 +315,60 @@ class LocalWorker:
 
     @property
     def queued(self) -> int:
-        return self._queue.qsize()
+        with self._lock:
+            return self.scheduler.queued
 
     @property
     def active_rows(self) -> int:
-        return len(self._jobs) + len(self._searches)
+        return self.scheduler.active
 
-    # --- the model thread ----------------------------------------------------------------------
+    @property
+    def _jobs(self) -> list[_Job]:
+        """The rows decoding now, in batch order."""
+        return [entry.job for entry in self.scheduler.running]
+
+    # --- the model thread: ask the scheduler, run its plan, report back ------------------------
 
     def _run(self) -> None:
         if self.torch_threads:
             torch.set_num_threads(self.torch_threads)
         while True:
-            if self._abort:
-                self._fail_all(ShutdownError("the guard worker shut down before this finished"))
-                return
-            if not self._jobs and not self._searches:
-                group = self._collect(block=True)
-                if group is None:  # closing, queue drained, nothing in flight
-                    if self._abort:
-                        self._fail_all(ShutdownError("the guard worker shut down before this ran"))
-                    return
-            else:
-                group = self._collect(block=False) if self.join else []
+            with self._wake:
+                if self._abort:
+                    break
+                plan = self.scheduler.plan(time.monotonic())
+                if not plan.leave and not plan.admit and self.scheduler.idle:
+                    if not self._accepting and not self.scheduler.queued:
+                        return  # closed, drained, nothing in flight
+                    # Nothing to run: wait for a request (or for a filling batch's deadline).
+                    self._wake.wait(plan.wait or 0.05)
+                    continue
+            for entry, why in plan.leave:
+                self._cancelled(entry.job) if why == "cancelled" else self._timeout(entry.job)
+            admitted = [entry.job for entry in plan.admit]
             try:
-                if group:
-                    self._admit(group)
-                if self._jobs:
+                if admitted:
+                    self._admit(admitted)
+                if self._rows:
                     self._step()
-                if self._searches:
+                if self.scheduler.searching:
                     self._advance_searches()
             except Exception as exc:  # a model error fails the batch, not the worker
                 log.exception("guard worker step failed")
                 error = GuardrailError(f"generation failed: {exc}")
-                for job in [*self._jobs, *(group or [])]:
+                failing = [entry.job for entry in self.scheduler.running] + admitted
+                for job in failing:
                     if not job.finished:
                         self._fail(job, error)
-                self._jobs, self._state = [], None
-
-    def _collect(self, *, block: bool) -> list[_Job] | None:
-        """Waiting requests to admit: up to the free slots; blocks for the first if `block`."""
-        room = self.max_batch - len(self._jobs)
-        group: list[_Job] = []
-        if block:
-            while not group:
-                try:
-                    group.append(self._queue.get(timeout=0.05))
-                except queue.Empty:
-                    # Closed and empty: no request can arrive after `_accepting` went False.
-                    if self._abort or (not self._accepting and self._queue.empty()):
-                        return None
-            fill_by = time.monotonic() + self.max_wait
-            while len(group) < room and (left := fill_by - time.monotonic()) > 0:
-                try:
-                    group.append(self._queue.get(timeout=left))
-                except queue.Empty:
-                    break
-        while len(group) < room:
-            try:
-                group.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
-        live = []
-        for job in group:
-            if job.ticket.cancelled:
-                self._cancelled(job)
-            elif self._expired(job):
-                self._timeout(job)
-            else:
-                live.append(job)
-        return live
+                for entry in list(self.scheduler.running):
+                    self.scheduler.finish(entry)
+                self._state, self._rows = None, []
+        self._fail_all(ShutdownError("the guard worker shut down before this finished"))
 
     def _admit(self, group: list[_Job]) -> None:
         """Prefill with the gate, decide each row, and append the decoding rows to the batch."""
         started = time.monotonic()
-        lm = self.lm
+        lm, executor = self.lm, self.executor
         fits = []
         for job in group:
             job.rendered = lm.prompt(job.request.chat, job.request.response_prefix)
@@ -390,22 +385,26 @@ class LocalWorker:
             fits.append(job)
             seed = job.request.sampling.seed
             if seed is not None:
-                job.generator = torch.Generator(device=lm.device).manual_seed(seed)
+                job.generator = executor.generator(seed)
+            job.detok = Detokenizer(lm.tokenizer, job.request.stop)
         group = fits
         if not group:
             return
+        prompts = [job.rendered for job in group if job.rendered is not None]
         gate = self.calibration.gate if self.calibration else None
-        pooler = Pooler(gate.layers if gate else [])
+        pool = None
         if gate is not None:
-            prompts = [job.rendered for job in group if job.rendered is not None]
-            pooler.weights = read_weights(prompts, gate.reads, max(len(p.ids) for p in prompts))
-        with pooler.applied(lm.model):
-            state = prefill(lm, [job.prompt for job in group])
+            pool = (
+                gate.layers,
+                read_weights(prompts, gate.reads, max(len(p.ids) for p in prompts)),
+            )
+        gated = executor.prefill([p.ids for p in prompts], pool=pool)
+        state = gated.state
         scores: list[float | None] = [None] * len(group)
         thresholds: list[float | None] = [None] * len(group)
         fired = [False] * len(group)
-        if gate is not None:
-            values: list[float] = gate.scores(pooler.stacked(gate.layers)).cpu().tolist()
+        if gate is not None and gated.pooled is not None:
+            values: list[float] = gate.scores(gated.pooled).cpu().tolist()
             limits = [
                 gate.threshold if job.request.gate_threshold is None else job.request.gate_threshold
                 for job in group
@@ -453,103 +452,99 @@ class LocalWorker:
         if steered:
             steering = self._steering([group[i] for i in steered])
             steered_started = time.monotonic()
-            with steering.applied(lm.model):
-                steered_state = prefill(lm, [group[i].prompt for i in steered])
+            steered_state = executor.prefill(
+                [prompts[i].ids for i in steered], steering=steering
+            ).state
             steered_ms = 1000 * (time.monotonic() - steered_started)
             for i in steered:
                 if (decision := group[i].decision) is not None:
                     decision.timings_ms["steered_prefill"] = steered_ms
             new_state = concat_rows(new_state, steered_state) if new_state else steered_state
         assert new_state is not None
-        if self._jobs and self._state is not None:
+        for job in rows:
+            job.entry.reads_last = not job.coefficient and self._reads_states(job)
+        if self._rows and self._state is not None:
             self._state = concat_rows(self._state, new_state)
             self.stats.joined += len(rows)
         else:
             self._state = new_state
-        self._jobs.extend(rows)
-        self.stats.max_rows = max(self.stats.max_rows, len(self._jobs))
+        self._rows.extend(job.entry for job in rows)
+        self.scheduler.joined([job.entry for job in rows])
+        self.stats.max_rows = max(self.stats.max_rows, len(self.scheduler.running))
 
     def _step(self) -> None:
         """Pick one token per row, release checked chunks, drop rows that left, decode once."""
         state = self._state
         assert state is not None
-        jobs = self._jobs
-        picked = pick_rows(
+        entries = self._rows
+        jobs: list[_Job] = [entry.job for entry in entries]
+        picked = self.executor.pick(
             state.next_logits,
             [job.request.sampling for job in jobs],
             [job.generator for job in jobs],
         )
-        keep: list[int] = []
-        due: list[tuple[int, _Job, bool]] = []  # rows whose pending text is checked now
+        searchable = [i for i, job in enumerate(jobs) if job.request.search is not None]
+        logprobs = dict(
+            zip(
+                searchable,
+                self.executor.logprobs(state.next_logits[searchable], picked[searchable]).tolist()
+                if searchable
+                else [],
+                strict=True,
+            )
+        )
+        due: list[tuple[_Job, bool, int]] = []  # rows whose pending text is checked now
         for row, (job, token) in enumerate(zip(jobs, picked.tolist(), strict=True)):
-            if job.ticket.cancelled:
-                self._cancelled(job)
-            elif self._expired(job):
-                self._timeout(job)
-            elif token in self._eos or job.reading_last:  # (the token after the limit is unused)
-                due.append((row, job, True))
-            else:
-                job.tokens.append(int(token))
-                at_limit = len(job.tokens) >= job.request.sampling.max_new_tokens
-                if at_limit and not job.coefficient and self._reads_states(job):
-                    job.reading_last = True
-                    keep.append(row)
-                elif at_limit or self._stopped(job):
-                    due.append((row, job, True))
-                elif len(job.tokens) - 1 - job.released_tokens >= self.chunk_tokens:
-                    due.append((row, job, False))  # up to the newest token, which waits
-                else:
-                    keep.append(row)
-        passed = self._release([(job, final) for _, job, final in due])
-        kept = [row for (row, _, final), ok in zip(due, passed, strict=True) if ok and not final]
-        keep = sorted(keep + kept)
+            if job.entry.phase != "running":  # it left (cancelled, past its deadline)
+                continue
+            # (the token after the limit, or after the end of turn, is unused)
+            if self.scheduler.ends_now(job.entry, token in self._eos):
+                due.append((job, True, row))
+                continue
+            job.tokens.append(int(token))
+            if row in logprobs:
+                job.logprobs.append(logprobs[row])
+            assert job.detok is not None
+            stopped = job.detok.add(int(token))
+            verdict = self.scheduler.after_token(job.entry, stopped=stopped)
+            if verdict != "keep":  # a check covers up to the newest token, which waits
+                due.append((job, verdict == "final", row))
+        self._release(due, state)
         self.stats.steps += 1
+        keep = self.scheduler.kept(entries)
+        self._rows = [entries[i] for i in keep]
         if not keep:
-            self._jobs, self._state = [], None
+            self._state = None
             return
         if len(keep) < len(jobs):
             state = select_rows(state, keep)
             picked = picked[keep]
             jobs = [jobs[i] for i in keep]
-        self._jobs = jobs
-        steering = self._steering(jobs) if any(j.coefficient for j in jobs) else None
+        steering = self._steering(jobs)
         reader = self._latent if any(self._reads_states(j) for j in jobs) else None
-        recorder = Recorder(reader.layers if reader else [])
-        with (
-            recorder.applied(self.lm.model),
-            steering.applied(self.lm.model) if steering else contextlib.nullcontext(),
-        ):
-            self._state = decode_step(self.lm, state, picked)
-        if reader is not None:
-            states = torch.stack([recorder.states[layer] for layer in reader.layers], dim=1)
+        out = self.executor.step(
+            state, picked, steering=steering, record=reader.layers if reader else ()
+        )
+        self._state = out.state
+        for job in jobs:
+            job.fed = len(job.tokens)
+        if reader is not None and out.recorded is not None:
             mean = reader.read == "mean"
-            for job, row_state in zip(jobs, states, strict=True):
+            for job, row_state in zip(jobs, out.recorded, strict=True):
                 if mean and job.state is not None:
                     row_state = job.state + row_state  # the sum over the answer's tokens
                 job.state, job.state_tokens = row_state, len(job.tokens)
 
-    def _steering(self, jobs: list[_Job]) -> Steering:
-        """Each row's own steering vectors (its tenant's setting) on the union of their layers;
-        rows that are not steered, or not at a layer, get a zero vector there."""
+    def _steering(self, jobs: list[_Job]) -> Steering | None:
+        """Each row's own steering vectors (its tenant's setting); None if none is steered."""
+        if not any(job.coefficient for job in jobs):
+            return None
         assert self.calibration is not None
         for job in jobs:
             if job.steering is not None and job.steering not in self._vectors:
                 self._vectors[job.steering] = self.calibration.steering_vectors(job.steering)
         per_row = [self._vectors[job.steering] if job.steering else {} for job in jobs]
-        layers = sorted({layer for vectors in per_row for layer in vectors})
-        zero = torch.zeros(self.lm.hidden_size)
-        steering = Steering(
-            {
-                layer: torch.stack([vectors.get(layer, zero) for vectors in per_row]).to(
-                    self.lm.device
-                )
-                for layer in layers
-            }
-        )
-        steering.coefficients = torch.tensor(
-            [job.coefficient for job in jobs], device=self.lm.device
-        )
-        return steering
+        return self.executor.steering(per_row, [job.coefficient for job in jobs])
 
     # --- row outcomes --------------------------------------------------------------------------
 
@@ -557,8 +552,13 @@ class LocalWorker:
         """The answer's first `upto` tokens as text: cut before a stop sequence, and (mid-
         answer) holding back a split character or what may be the start of a stop sequence;
         and whether that is all of those tokens' text (so their state is the text's state)."""
-        whole = str(self.lm.tokenizer.decode(job.tokens[:upto], skip_special_tokens=True))
-        text = whole if final else whole.rstrip("\ufffd")  # a split character waits
+        detok = job.detok
+        assert detok is not None
+        if final:
+            whole, exact = detok.full(upto), True
+        else:  # a split character waits
+            whole, exact = detok.text_at(upto), detok.complete_at(upto)
+        text = whole
         stops = job.request.stop
         if stops:
             cut = min((i for s in stops if (i := text.find(s)) >= 0), default=-1)
@@ -567,45 +567,30 @@ class LocalWorker:
             elif not final:
                 keep = len(text) - max(len(s) for s in stops) + 1
                 text = text[: max(keep, len(job.released_text))]
-        return text, text == whole
+        return text, exact and text == whole
 
-    def _stopped(self, job: _Job) -> bool:
-        """Whether the newest token completed a stop sequence. Earlier steps checked the text
-        before it, so a new match ends in that token's text: only a tail long enough to hold
-        the longest stop sequence and that token is decoded, not the whole answer."""
-        stops = job.request.stop
-        if not stops:
-            return False
-        longest = max(len(s) for s in stops)
-        decode = self.lm.tokenizer.decode
-        newest = len(str(decode(job.tokens[-1:], skip_special_tokens=True)))
-        window = longest + 4  # a few more tokens: the tail may start inside a character
-        while True:
-            tail = str(decode(job.tokens[-window:], skip_special_tokens=True))
-            if window >= len(job.tokens) or len(tail) >= longest + newest + 4:
-                return any(s in tail for s in stops)
-            window *= 2
-
-    def _release(self, due: list[tuple[_Job, bool]]) -> list[bool]:
+    def _release(self, due: list[tuple[_Job, bool, int]], state: Prefilled | None = None) -> None:
         """Check each row's answer so far against its budget (one cost call for all) and
-        release what passes; `final` rows also finish. A row over budget goes to search, or
-        ends with the refusal text. Returns, per row, whether it passed."""
-        ends = [len(job.tokens) if final else len(job.tokens) - 1 for job, final in due]
-        read = [self._text(job, n, final=final) for (job, final), n in zip(due, ends, strict=True)]
+        release what passes; `final` rows also finish. A row over budget goes to search
+        (from its own KV cache, a row of `state`), or ends with the refusal text."""
+        ends = [len(job.tokens) if final else len(job.tokens) - 1 for job, final, _ in due]
+        read = [
+            self._text(job, n, final=final) for (job, final, _), n in zip(due, ends, strict=True)
+        ]
         texts = [text for text, _ in read]
         states = [
             job.state
             if exact and n == job.state_tokens and not job.coefficient and self._reads_states(job)
             else None
-            for (job, _), (_, exact), n in zip(due, read, ends, strict=True)
+            for (job, _, _), (_, exact), n in zip(due, read, ends, strict=True)
         ]
         # A final answer is returned stripped: when that changes it, both are checked.
         extra = [
             i
-            for i, (text, (_, final)) in enumerate(zip(texts, due, strict=True))
+            for i, (text, (_, final, _)) in enumerate(zip(texts, due, strict=True))
             if final and text.strip() != text
         ]
-        jobs = [job for job, _ in due]
+        jobs = [job for job, _, _ in due]
         costs = self._costs(
             jobs + [jobs[i] for i in extra],
             texts + [texts[i].strip() for i in extra],
@@ -614,28 +599,28 @@ class LocalWorker:
         for n, i in enumerate(extra):
             first, second = costs[i], costs[len(due) + n]
             costs[i] = None if first is None or second is None else max(first, second)
-        passed = []
-        for (job, final), text, cost, end in zip(due, texts, costs[: len(due)], ends, strict=True):
+        for (job, final, row), text, cost, end in zip(
+            due, texts, costs[: len(due)], ends, strict=True
+        ):
             assert job.decision is not None
             budget = job.request.budget
             if budget is not None and (cost is None or cost > budget):
-                passed.append(False)
                 searchable = self.scorers is not None and self._scorers(job).reward is not None
-                if cost is not None and job.request.search and searchable and not job.searched:
-                    self._start_search(job)
+                can = cost is not None and job.request.search and searchable and not job.searched
+                if can and state is not None:
+                    self._start_search(job, state, row)
                 else:
                     self._refuse(job, "cost_error" if cost is None else "over_budget")
                 continue
-            passed.append(True)
             chunk = text[len(job.released_text) :]
             job.released_tokens, job.released_text = end, text
+            self.scheduler.checked(job.entry, end)
             job.decision.cost = cost
             if chunk:
                 self._emit(job, chunk)
             if final:
                 job.decision.new_tokens = len(job.tokens)
                 self._finish(job, job.released_text.strip(), refusal=False)
-        return passed
 
     def _costs(
         self,
@@ -714,10 +699,11 @@ class LocalWorker:
 
     # --- the search lane -----------------------------------------------------------------------
 
-    def _start_search(self, job: _Job) -> None:
-        """Continue the row in InferenceGuard search from its last prefix within budget."""
+    def _start_search(self, job: _Job, state: Prefilled, row: int) -> None:
+        """Continue the row in InferenceGuard search from its last prefix within budget: its
+        own KV cache (row `row` of `state`) cut back to that prefix, its own token ids."""
         assert job.decision is not None and job.request.search is not None
-        assert job.request.budget is not None
+        assert job.request.budget is not None and job.rendered is not None
         scorers = self._scorers(job)
         job.decision.path = "search"
         job.searched = True
@@ -729,11 +715,21 @@ class LocalWorker:
         settings = replace(settings, check=self.chunk_tokens)  # checked as the stream is
         steering = None
         if job.coefficient and job.steering is not None:  # filled when the row was steered
-            vectors = self._vectors[job.steering]
-            steering = (vectors, job.coefficient)
-        generator = job.generator or torch.Generator(device=self.lm.device).manual_seed(0)
-        left = job.request.sampling.max_new_tokens - job.released_tokens
-        steps = search(
+            steering = (self._vectors[job.steering], job.coefficient)
+        released = job.released_tokens
+        # Forget the tokens after the prefix and feed the prefix's last token again: its
+        # logits and last hidden state are where the search starts.
+        own = self.executor.drop_last(self.executor.take(state, [row]), job.fed - released + 1)
+        last = job.tokens[released - 1] if released else job.rendered.ids[-1]
+        hooks = self.executor.steering([steering[0]], [steering[1]]) if steering else None
+        fed = self.executor.step(own, torch.tensor([last]), steering=hooks, hidden=True)
+        assert fed.hidden is not None
+        searchable = len(job.logprobs) >= released
+        start = SearchStart(fed.state, fed.hidden, job.logprobs[:released] if searchable else None)
+        generator = job.generator or self.executor.generator(0)
+        left = job.request.sampling.max_new_tokens - released
+        self.scheduler.to_search(job.entry)
+        self._searches[id(job)] = search(
             self.lm,
             job.prompt,
             job.query,
@@ -741,22 +737,19 @@ class LocalWorker:
             settings,
             budget=job.request.budget,
             max_new_tokens=max(left, 1),
-            prefix=job.tokens[: job.released_tokens],
+            prefix=job.tokens[:released],
             steering=steering,
             generator=generator,
+            start=start,
+            executor=self.executor,
         )
-        self._searches.append((job, steps))
 
     def _advance_searches(self) -> None:
         """One forward pass of each search; finished searches release their answer."""
-        for item in list(self._searches):
-            job, steps = item
+        for entry in list(self.scheduler.searching):
+            job = entry.job
+            steps = self._searches[id(job)]
             outcome: SearchResult | None = None
-            if job.ticket.cancelled or self._expired(job):
-                self._searches.remove(item)
-                steps.close()
-                self._cancelled(job) if job.ticket.cancelled else self._timeout(job)
-                continue
             try:
                 next(steps)
                 continue
@@ -764,8 +757,13 @@ class LocalWorker:
                 outcome = stop.value
             except Exception:
                 log.exception("a search failed; its row fails closed")
-            self._searches.remove(item)
+            self._end_search(job)
             self._searched(job, outcome)
+
+    def _end_search(self, job: _Job) -> None:
+        steps = self._searches.pop(id(job), None)
+        if steps is not None:
+            steps.close()
 
     def _searched(self, job: _Job, result: SearchResult | None) -> None:
         assert job.decision is not None
@@ -778,11 +776,13 @@ class LocalWorker:
             self._refuse(job, "no_answer_within_budget")
             return
         job.tokens = list(result.tokens)
-        self._release([(job, True)])  # the whole answer is checked once more
+        job.detok = Detokenizer(self.lm.tokenizer, job.request.stop, job.tokens)
+        self._release([(job, True, -1)])  # the whole answer is checked once more
 
     def _finish(self, job: _Job, text: str, *, refusal: bool = True) -> None:
         """Deliver the answer; a refusal is also released as the stream's last chunk."""
         assert job.decision is not None
+        self.scheduler.finish(job.entry)
         if refusal:
             self._emit(job, text)
         job.decision.timings_ms["total"] = 1000 * (time.monotonic() - job.submitted)
@@ -800,6 +800,7 @@ class LocalWorker:
             log.exception("a request's sink failed")
 
     def _timeout(self, job: _Job) -> None:
+        self._end_search(job)
         self.stats.timed_out += 1
         if job.decision is None:
             job.decision = Decision(
@@ -816,10 +817,12 @@ class LocalWorker:
         self._refuse(job)
 
     def _cancelled(self, job: _Job) -> None:
+        self._end_search(job)
         self.stats.cancelled += 1
         self._fail(job, CancelledError())
 
     def _fail(self, job: _Job, error: BaseException) -> None:
+        self.scheduler.finish(job.entry)
         job.finished = True
         if not isinstance(error, CancelledError):
             self.stats.failed += 1
@@ -828,22 +831,17 @@ class LocalWorker:
         except Exception:
             log.exception("a request's sink failed")
 
-    @staticmethod
-    def _expired(job: _Job) -> bool:
-        deadline = job.request.deadline
-        return deadline is not None and time.monotonic() >= deadline
-
     def _fail_queued(self, error: BaseException) -> None:
-        while True:
-            try:
-                self._fail(self._queue.get_nowait(), error)
-            except queue.Empty:
-                return
+        with self._lock:
+            waiting = self.scheduler.drain()
+        for entry in waiting:
+            self._fail(entry.job, error)
 
     def _fail_all(self, error: BaseException) -> None:
-        for job in [*self._jobs, *(job for job, _ in self._searches)]:
-            self._fail(job, error)
-        self._jobs, self._state, self._searches = [], None, []
+        for entry in self.scheduler.clear():
+            self._end_search(entry.job)
+            self._fail(entry.job, error)
+        self._state, self._rows = None, []
         self._fail_queued(error)
 
 
