@@ -57,6 +57,7 @@ _OVERRIDES = frozenset(
         "guarded",
         "stop",
         "response_prefix",
+        "probe",
     }
 )
 
@@ -285,6 +286,7 @@ class Guard:
             steering=self._steering(policy),
             max_input_tokens=policy.max_input_tokens,
             response_prefix=prefix,
+            probe=str(overrides.get("probe", "")),
             stop=tuple(stop),
             budget=budget,
             search=policy.search if budget is not None else None,
