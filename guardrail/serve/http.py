@@ -5,8 +5,9 @@ so clients that already speak OpenAI's API (the `openai` package, curl, other SD
 guard unchanged; each response carries the guard's decision record as an extra `guard`
 field. `tools`/`tool_choice` work as OpenAI's do (`tool_calls`, finish reason "tool_calls",
 streamed call deltas), through the same guarded path as every front end
-(`guardrail.serve.tool_calls`): a refused conversation gets the refusal text and no call. The tenant comes from the API key alone: keys are stored as SHA-256 hashes, a missing
-or unknown key is a 401, and no request field can name another tenant. Errors use OpenAI's
+(`guardrail.serve.tool_calls`): a refused conversation gets the refusal text and no call.
+The tenant comes from the API key alone: keys are stored as SHA-256 hashes, a missing or
+unknown key is a 401, and no request field can name another tenant. Errors use OpenAI's
 error body, `{"error": {"message", "type", "param", "code"}}`. Keys never reach the logs.
 """
 
@@ -282,7 +283,9 @@ def create_app(
             log.exception("request of tenant %s failed", tenant)
             return fail(500, str(exc), "server_error")
         metrics.answered(answer.decision, time.monotonic() - started)
-        return _completion(ToolAnswer(answer.text, [], [answer]), model_id, options.get("max_new_tokens"))
+        return _completion(
+            ToolAnswer(answer.text, [], [answer]), model_id, options.get("max_new_tokens")
+        )
 
     return app
 
