@@ -30,9 +30,9 @@ def get_weather(city: str) -> str:
 
 
 def main() -> None:
-    # A 135M model rarely starts a tool call on its own: after each user turn a call is
-    # required (and pre-started); after the tool's result the model answers in text.
-    model = GuardedChatModel(tool_call_mode="first_turn", max_tokens=48)
+    # Default tool calling (`tool_call_mode="auto"`): a call when the model's own probability
+    # of opening one is over the measured threshold; after the tool's result, a text answer.
+    model = GuardedChatModel(max_tokens=48)
     agent = create_agent(model, tools=[get_weather])
     for question in (
         "What is the weather in Paris today?",

@@ -39,6 +39,9 @@ class Decision:
     budget: float | None = None  # the tenant's safety budget (None: no cost check)
     candidates: int = 0  # candidates the search scored
     rounds: int = 0  # search rounds, resampled ones included
+    # The probability that the answer's first token is the request's `probe` (e.g. the opening
+    # of a tool call), read from the prefill logits; None: no probe asked.
+    first_token_prob: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

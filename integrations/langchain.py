@@ -6,24 +6,19 @@ tenant's policy apply, and each message carries the guard's decision record in
 `response_metadata["guard"]`. Instances are cheap; those for the same model, policy folder
 and Redis share one Guard (and model worker) per process, loaded on first use.
 
-Tool calls use a documented prompt format (the Hermes/SmolLM2 one): the tools are listed as
-JSON inside `<tools></tools>` in the system prompt and a call is written as
-`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`. When a call is required
-(`tool_choice` "any"/"required"/a name, or `tool_call_mode="first_turn"` after a user turn)
-the call is pre-started and its JSON written by us, one argument at a time: the model only
-fills each value, under a stop sequence fitting the argument's type, so small models produce
-well-formed calls. Each of those steps is a guarded request: if the gate refuses the
-conversation, the answer is the refusal text and no tool is called.
+Tool calls go through the core (`guardrail.serve.tool_calls`, the same path as the HTTP
+server's `tools`): the Hermes/SmolLM2 prompt format, calls written argument by argument, each
+step a guarded request (a refused conversation gets the refusal text and no call). With
+`tool_choice` auto, `tool_call_mode="auto"` (default) calls when the model's own probability
+of opening a call is over a measured threshold, so agents built with default parameters call
+their tools.
 """
 
 from __future__ import annotations
 
 import asyncio
-import difflib
 import json
-import re
 import threading
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, Literal
 
@@ -47,13 +42,18 @@ from guardrail.decision import Answer
 from guardrail.errors import InputError, OverloadedError
 from guardrail.serve.exchange import run_sync
 from guardrail.serve.guard import Guard
-from guardrail.tools import render_tool_call, with_tools
+from guardrail.serve.tool_calls import AUTO_CALL_THRESHOLD, ToolAnswer, answer_with_tools
+from guardrail.tools import (
+    Call,
+    assistant_turn,
+    forced_name,
+    tool_turn,
+    with_tools,
+)
 
 EMBEDDED = "embedded"
 _GUARDS: dict[tuple[str, str | None, str | None], Guard] = {}
 _GUARDS_LOCK = threading.Lock()
-_REFUSED_PATHS = {"refused", "timeout"}
-_TOOL_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
 
 
 def shared_guard(model: str, policies: str | None, redis_url: str | None) -> Guard:
@@ -105,68 +105,18 @@ def to_chat(
     for message in messages:
         content = _text(message.content)
         if isinstance(message, AIMessage):
-            calls = [render_tool_call(c["name"], c["args"]) for c in message.tool_calls]
-            chat.append({"role": "assistant", "content": "\n".join([content, *calls]).strip()})
+            calls = [Call(c["name"], c["args"], c.get("id") or "") for c in message.tool_calls]
+            chat.append(assistant_turn(content, calls))
         elif isinstance(message, ToolMessage):
-            status = " (error)" if message.status == "error" else ""
-            chat.append(
-                {"role": "tool", "content": f"<tool_response{status}>\n{content}\n</tool_response>"}
-            )
+            chat.append(tool_turn(content, error=message.status == "error"))
         else:
             role = {"human": "user", "system": "system"}.get(message.type, message.type)
             chat.append({"role": role, "content": content})
     return with_tools(chat, tools)
 
 
-def parse_tool_calls(text: str, names: Sequence[str]) -> tuple[str, list[ToolCall]]:
-    """Split a free answer into its text and the well-formed calls of known tools."""
-    calls: list[ToolCall] = []
-    for match in _TOOL_CALL.finditer(text):
-        try:
-            body = json.loads(match.group(1))
-        except json.JSONDecodeError:
-            continue
-        if isinstance(body, dict) and body.get("name") in names:
-            args = body.get("arguments") or {}
-            if isinstance(args, dict):
-                calls.append(
-                    ToolCall(name=body["name"], args=args, id=_call_id(), type="tool_call")
-                )
-    return _TOOL_CALL.sub("", text).strip() if calls else text, calls
-
-
-def _call_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"
-
-
-def _forced_name(tool_choice: Any, names: Sequence[str]) -> str | None:
-    """The tool `tool_choice` names, if it names one."""
-    if isinstance(tool_choice, dict):
-        tool_choice = (tool_choice.get("function") or {}).get("name") or tool_choice.get("name")
-    if isinstance(tool_choice, str) and tool_choice in names:
-        return tool_choice
-    return None
-
-
-def _value(raw: str, kind: str) -> Any:
-    """A generated argument value, read as its JSON-schema type (best effort, never raises)."""
-    raw = raw.strip()
-    if kind == "string":
-        return raw
-    if kind in ("integer", "number"):
-        found = re.search(r"-?\d+(?:\.\d+)?", raw)
-        if not found:
-            return 0
-        number = float(found.group())
-        return int(number) if kind == "integer" else number
-    if kind == "boolean":
-        return raw.lower().startswith("t")
-    for end in range(len(raw), 0, -1):  # objects, arrays: the longest prefix that parses
-        try:
-            return json.loads(raw[:end])
-        except json.JSONDecodeError:
-            continue
-    return None
+def _tool_call(call: Call) -> ToolCall:
+    return ToolCall(name=call.name, args=call.arguments, id=call.id, type="tool_call")
 
 
 class GuardedChatModel(BaseChatModel):
@@ -191,10 +141,12 @@ class GuardedChatModel(BaseChatModel):
     redis_url: str | None = None
     policy_overrides: dict[str, Any] = Field(default_factory=dict)
     """Per-request options for the guard, e.g. `{"top_p": 0.9, "seed": 1}`."""
-    tool_call_mode: Literal["model", "first_turn"] = "model"
-    """`model`: with tool_choice auto, the model decides whether to call a tool. `first_turn`:
-    after a user turn a tool call is required (pre-started), after a tool result the model
-    answers in text; for small models that rarely start a call on their own."""
+    tool_call_mode: Literal["auto", "model", "first_turn"] = "auto"
+    """With tool_choice auto: `auto` calls when the model's probability of opening a call is over
+    `tool_call_threshold` (never right after a tool result); `model` only when its free answer
+    writes a call; `first_turn` after every user turn (see `guardrail.serve.tool_calls`)."""
+    tool_call_threshold: float = AUTO_CALL_THRESHOLD
+    """`auto`'s threshold; the default is measured for the embedded model."""
     streaming: bool = False
     api_key: SecretStr | None = None
     """Accepted for compatibility with hosted chat models; a local model needs none."""
@@ -236,7 +188,7 @@ class GuardedChatModel(BaseChatModel):
         names = [t["function"]["name"] for t in formatted]
         if tool_choice is True:
             tool_choice = "any"
-        if tool_choice not in (None, "auto", "none", "any", "required") and not _forced_name(
+        if tool_choice not in (None, "auto", "none", "any", "required") and not forced_name(
             tool_choice, names
         ):
             raise ValueError(f"tool_choice {tool_choice!r} names no bound tool ({names})")
@@ -273,96 +225,35 @@ class GuardedChatModel(BaseChatModel):
     async def _answer(
         self, messages: list[BaseMessage], stop: list[str] | None, **kwargs: Any
     ) -> AIMessage:
-        """The whole answer: free text (with any calls parsed out), or a required tool call."""
+        """The whole answer: text, or tool calls (see `guardrail.serve.tool_calls`)."""
         tools: list[dict[str, Any]] = kwargs.pop("tools", None) or []
         tool_choice = kwargs.pop("tool_choice", None)
         guard = self._guard(kwargs.pop("model", None))
-        if tool_choice == "none":
-            tools = []
-        chat = to_chat(messages, tools)
-        names = [t["function"]["name"] for t in tools]
-        required = bool(tools) and (
-            tool_choice in ("any", "required")
-            or _forced_name(tool_choice, names) is not None
-            or (
-                self.tool_call_mode == "first_turn"
-                and tool_choice in (None, "auto")
-                and messages[-1].type == "human"
-            )
+
+        async def ask(chat: list[dict[str, str]], options: dict[str, Any]) -> Answer:
+            return await self._ask(guard, chat, **options)
+
+        answer = await answer_with_tools(
+            ask,
+            to_chat(messages, []),
+            tools,
+            tool_choice,
+            mode=self.tool_call_mode,
+            threshold=self.tool_call_threshold,
+            options=self._options(stop),
         )
-        if required:
-            return await self._tool_call(guard, chat, tools, _forced_name(tool_choice, names))
-        answer = await self._ask(guard, chat, **self._options(stop))
-        text, calls = parse_tool_calls(answer.text, names) if names else (answer.text, [])
-        if answer.decision.path in _REFUSED_PATHS:
-            text, calls = answer.text, []
-        return self._message(text, [answer], calls)
+        return self._message(answer)
 
-    async def _tool_call(
-        self,
-        guard: Guard,
-        chat: list[dict[str, str]],
-        tools: list[dict[str, Any]],
-        name: str | None,
-    ) -> AIMessage:
-        """Write the call's JSON ourselves; the model fills the tool name (when several could
-        be called) and each argument value. Any refused step refuses the whole answer."""
-        answers: list[Answer] = []
-        names = [t["function"]["name"] for t in tools]
-
-        async def fill(prefix: str, stop: list[str], tokens: int = 32) -> str | None:
-            tokens = min(tokens, self.max_tokens or tokens)
-            options = {**self._options(None, tokens), "response_prefix": prefix, "stop": stop}
-            answer = await self._ask(guard, chat, **options)
-            answers.append(answer)
-            return None if answer.decision.path in _REFUSED_PATHS else answer.text
-
-        start = '<tool_call>\n{"name": "'
-        if name is None:
-            if len(names) == 1:
-                name = names[0]
-            else:
-                said = await fill(start, ['"', "\n"], 12)
-                if said is None:
-                    return self._message(answers[-1].text, answers, [])
-                close = difflib.get_close_matches(said.strip(), names, n=1, cutoff=0.0)
-                name = close[0] if close else names[0]
-        schema = next(t for t in tools if t["function"]["name"] == name)["function"]
-        properties: dict[str, Any] = (schema.get("parameters") or {}).get("properties") or {}
-        args: dict[str, Any] = {}
-        for key, spec in properties.items():
-            kind = spec.get("type", "string") if isinstance(spec, dict) else "string"
-            if isinstance(spec, dict) and "anyOf" in spec:  # Optional[...]: the first real type
-                kinds = [s.get("type") for s in spec["anyOf"] if s.get("type") != "null"]
-                kind = kinds[0] if kinds else "string"
-            so_far = json.dumps(args, ensure_ascii=False)[:-1]
-            prefix = f'{start}{name}", "arguments": {so_far}{", " if args else ""}"{key}": '
-            if kind == "string":
-                said = await fill(prefix + '"', ['"', "\n"])
-            else:
-                said = await fill(prefix, [",", "}", "\n"])
-            if said is None:
-                return self._message(answers[-1].text, answers, [])
-            args[key] = _value(said, kind)
-        if not answers:  # a call without arguments still passes the gate
-            said = await fill(f'{start}{name}", "arguments": {{', ["}"], 1)
-            if said is None:
-                return self._message(answers[-1].text, answers, [])
-        call = ToolCall(name=name, args=args, id=_call_id(), type="tool_call")
-        return self._message("", answers, [call])
-
-    def _message(self, text: str, answers: list[Answer], calls: list[ToolCall]) -> AIMessage:
-        first = answers[0]
-        input_tokens = sum(a.decision.prompt_tokens for a in answers)
-        output_tokens = sum(a.decision.new_tokens for a in answers)
+    def _message(self, answer: ToolAnswer) -> AIMessage:
+        input_tokens, output_tokens = answer.prompt_tokens, answer.new_tokens
         return AIMessage(
-            content=text,
-            tool_calls=calls,
+            content=answer.text,
+            tool_calls=[_tool_call(c) for c in answer.calls],
             response_metadata={
                 "model_name": self.model,
                 "model_provider": "guardrail",
-                "guard": first.decision.as_dict(),
-                "guard_steps": len(answers),
+                "guard": answer.decision.as_dict(),
+                "guard_steps": len(answer.answers),
             },
             usage_metadata={
                 "input_tokens": input_tokens,
@@ -416,7 +307,7 @@ class GuardedChatModel(BaseChatModel):
                 await run_manager.on_llm_new_token(text, chunk=chunk)
             yield chunk
         assert stream.result is not None
-        yield _last_chunk(self._message("", [stream.result], []))
+        yield _last_chunk(self._message(ToolAnswer("", [], [stream.result])))
 
     def _stream(
         self,
@@ -436,7 +327,7 @@ class GuardedChatModel(BaseChatModel):
                 run_manager.on_llm_new_token(text, chunk=chunk)
             yield chunk
         assert stream.result is not None
-        yield _last_chunk(self._message("", [stream.result], []))
+        yield _last_chunk(self._message(ToolAnswer("", [], [stream.result])))
 
 
 def _last_chunk(message: AIMessage) -> ChatGenerationChunk:
@@ -474,8 +365,6 @@ def _chunks(message: AIMessage) -> Iterator[ChatGenerationChunk]:
 
 __all__ = [
     "GuardedChatModel",
-    "parse_tool_calls",
-    "render_tool_call",
     "shared_guard",
     "to_chat",
     "use_guard",

@@ -4,6 +4,7 @@ server on loopback, over the real embedded model, and the security cases."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import threading
@@ -200,3 +201,97 @@ def test_each_answer_is_a_span_with_its_decision(base_url: str) -> None:
     assert span.end_time is not None and span.start_time is not None
     assert span.end_time > span.start_time
     assert {e.name for e in span.events} >= {"guardrail.queue", "guardrail.prefill"}
+
+
+WEATHER_TOOL: Any = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the current weather at a location.",
+        "parameters": {
+            "type": "object",
+            "properties": {"location": {"type": "string"}},
+            "required": ["location"],
+        },
+    },
+}
+WEATHER_ASK = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+
+
+def test_tools_give_tool_calls_plain_and_streamed(base_url: str) -> None:
+    """The official client: a required call comes back as `tool_calls` (finish reason
+    "tool_calls"), streamed as OpenAI streams one; the result goes back in a `tool` turn."""
+    client = _client(base_url, "key-b")
+    reply = client.chat.completions.create(
+        model=MODEL, messages=WEATHER_ASK, tools=[WEATHER_TOOL], tool_choice="required"
+    )
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls or []
+    assert call.type == "function" and call.function.name == "get_weather"
+    assert call.id.startswith("call_")
+    location = json.loads(call.function.arguments)["location"]
+    assert isinstance(location, str) and location
+    guard = (reply.model_extra or {})["guard"]
+    assert guard["path"] == "plain" and not guard["fired"]
+
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=WEATHER_ASK,
+        tools=[WEATHER_TOOL],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        stream=True,
+    )
+    chunks = list(stream)
+    deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or []]
+    opening = deltas[0]
+    assert opening.index == 0 and opening.id and opening.id.startswith("call_")
+    assert opening.type == "function" and opening.function is not None
+    assert opening.function.name == "get_weather"
+    assert all(d.index == 0 and d.id is None for d in deltas[1:]) and len(deltas) >= 2
+    arguments = "".join((d.function.arguments or "") for d in deltas if d.function)
+    assert json.loads(arguments) == {"location": location}  # greedy: as the plain call
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+    answered = client.chat.completions.create(
+        model=MODEL,
+        messages=[
+            *WEATHER_ASK,
+            {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+            {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 22 C."},
+        ],
+        tools=[WEATHER_TOOL],
+        max_tokens=16,
+    )
+    assert answered.choices[0].finish_reason in ("stop", "length")
+    assert answered.choices[0].message.content and not answered.choices[0].message.tool_calls
+
+
+def test_harmful_request_with_tools_gets_the_refusal_and_no_call(base_url: str) -> None:
+    client = _client(base_url, "key-b")
+    for choice in ("required", "auto"):
+        reply = client.chat.completions.create(
+            model=MODEL, messages=HARMFUL, tools=[WEATHER_TOOL], tool_choice=choice
+        )
+        assert reply.choices[0].message.content == "BETA SAYS NO"
+        assert not reply.choices[0].message.tool_calls
+        assert reply.choices[0].finish_reason == "content_filter"
+        assert (reply.model_extra or {})["guard"]["path"] == "refused"
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=HARMFUL, tools=[WEATHER_TOOL], tool_choice="required", stream=True
+        )
+    )
+    assert not any(c.choices and c.choices[0].delta.tool_calls for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "BETA SAYS NO" and chunks[-1].choices[0].finish_reason == "content_filter"
+
+
+def test_bad_tool_choice_is_a_clear_400(base_url: str) -> None:
+    with pytest.raises(openai.BadRequestError, match="names no given tool"):
+        _client(base_url).chat.completions.create(
+            model=MODEL,
+            messages=WEATHER_ASK,
+            tools=[WEATHER_TOOL],
+            tool_choice={"type": "function", "function": {"name": "nope"}},
+        )

@@ -53,6 +53,7 @@ _OVERRIDES = frozenset(
         "guarded",
         "stop",
         "response_prefix",
+        "probe",
     }
 )
 
@@ -179,6 +180,7 @@ class Guard:
             steering=resolved.steering,
             max_input_tokens=policy.max_input_tokens,
             response_prefix=prefix,
+            probe=str(overrides.get("probe", "")),
             stop=tuple(stop),
             budget=budget,
             search=resolved.search if budget is not None else None,

@@ -3,8 +3,11 @@
 `POST /v1/chat/completions` (plain, or streamed as server-sent events) and `GET /v1/models`,
 so clients that already speak OpenAI's API (the `openai` package, curl, other SDKs) call the
 guard unchanged; each response carries the guard's decision record as an extra `guard`
-field. The tenant comes from the API key alone: keys are stored as SHA-256 hashes, a missing
-or unknown key is a 401, and no request field can name another tenant. Errors use OpenAI's
+field. `tools`/`tool_choice` work as OpenAI's do (`tool_calls`, finish reason "tool_calls",
+streamed call deltas), through the same guarded path as every front end
+(`guardrail.serve.tool_calls`): a refused conversation gets the refusal text and no call.
+The tenant comes from the API key alone: keys are stored as SHA-256 hashes, a missing or
+unknown key is a 401, and no request field can name another tenant. Errors use OpenAI's
 error body, `{"error": {"message", "type", "param", "code"}}`. Keys never reach the logs.
 """
 
@@ -32,8 +35,10 @@ from guardrail.decision import Answer
 from guardrail.errors import GuardrailError, InputError, OverloadedError, ShutdownError
 from guardrail.serve.guard import Guard
 from guardrail.serve.metrics import Metrics
+from guardrail.serve.tool_calls import ToolAnswer, answer_with_tools
 from guardrail.serve.tracing import Tracing
 from guardrail.tenants.store import UnknownTenantError
+from guardrail.tools import Call, assistant_turn, tool_turn
 
 log = logging.getLogger(__name__)
 
@@ -101,12 +106,42 @@ class ApiKeys:
         return set(self._tenants.values())
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class MessageToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str = ""
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class Function(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class ToolSpec(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: Function
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[dict[str, Any]]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         parts = []
@@ -131,6 +166,11 @@ class ChatRequest(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     n: int = 1
+    tools: list[ToolSpec] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+
+    def tool_list(self) -> list[dict[str, Any]]:
+        return [t.model_dump(exclude_none=True) for t in self.tools or []]
 
 
 def error(status: int, message: str, kind: str, code: str | None = None) -> JSONResponse:
@@ -215,8 +255,17 @@ def create_app(
         if payload.n != 1:
             return fail(400, "n must be 1", "invalid_request_error")
         try:
-            messages = [{"role": _role(m.role), "content": m.text()} for m in payload.messages]
+            messages = [_turn(m) for m in payload.messages]
             options = _options(payload)
+            if payload.tools and payload.tool_choice != "none":
+                tooled = await _answer_with_tools(guard, tenant, messages, payload, options)
+                metrics.answered(tooled.decision, time.monotonic() - started)
+                if payload.stream:
+                    return StreamingResponse(
+                        _sse_tools(tooled, model_id, options.get("max_new_tokens")),
+                        media_type="text/event-stream",
+                    )
+                return _completion(tooled, model_id, options.get("max_new_tokens"))
             if payload.stream:
                 stream = guard.stream(messages, tenant=tenant, **options)
                 return StreamingResponse(
@@ -234,13 +283,45 @@ def create_app(
             log.exception("request of tenant %s failed", tenant)
             return fail(500, str(exc), "server_error")
         metrics.answered(answer.decision, time.monotonic() - started)
-        return _completion(answer, model_id, options.get("max_new_tokens"))
+        return _completion(
+            ToolAnswer(answer.text, [], [answer]), model_id, options.get("max_new_tokens")
+        )
 
     return app
 
 
-def _role(role: str) -> str:
-    return "system" if role == "developer" else role
+def _turn(message: Message) -> dict[str, str]:
+    """One OpenAI message as a role/content turn, calls and results in the tool prompt format."""
+    if message.role == "tool":
+        return tool_turn(message.text())
+    if message.role == "assistant" and message.tool_calls:
+        calls = []
+        for call in message.tool_calls:
+            try:
+                arguments = json.loads(call.function.arguments or "{}")
+            except json.JSONDecodeError as exc:
+                raise InputError(f"tool call {call.id!r}: arguments are not JSON: {exc}") from exc
+            if not isinstance(arguments, dict):
+                raise InputError(f"tool call {call.id!r}: arguments must be a JSON object")
+            calls.append(Call(call.function.name, arguments, call.id))
+        return assistant_turn(message.text(), calls)
+    role = "system" if message.role == "developer" else message.role
+    return {"role": role, "content": message.text()}
+
+
+async def _answer_with_tools(
+    guard: Guard,
+    tenant: str,
+    chat: list[dict[str, str]],
+    payload: ChatRequest,
+    options: dict[str, Any],
+) -> ToolAnswer:
+    async def ask(turns: list[dict[str, str]], step: dict[str, Any]) -> Answer:
+        return await guard.generate(turns, tenant=tenant, **step)
+
+    return await answer_with_tools(
+        ask, chat, payload.tool_list(), payload.tool_choice, options=options
+    )
 
 
 def _options(payload: ChatRequest) -> dict[str, Any]:
@@ -256,16 +337,18 @@ def _options(payload: ChatRequest) -> dict[str, Any]:
     return options
 
 
-def _finish_reason(answer: Answer, max_new_tokens: int | None) -> str:
-    if answer.decision.path in ("refused", "timeout"):
+def _finish_reason(answer: ToolAnswer, max_new_tokens: int | None) -> str:
+    if answer.refused:
         return "content_filter"
+    if answer.calls:
+        return "tool_calls"
     if max_new_tokens is not None and answer.decision.new_tokens >= max_new_tokens:
         return "length"
     return "stop"
 
 
-def _usage(answer: Answer) -> dict[str, int]:
-    prompt, completion = answer.decision.prompt_tokens, answer.decision.new_tokens
+def _usage(answer: ToolAnswer) -> dict[str, int]:
+    prompt, completion = answer.prompt_tokens, answer.new_tokens
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -273,7 +356,20 @@ def _usage(answer: Answer) -> dict[str, int]:
     }
 
 
-def _completion(answer: Answer, model_id: str, max_new_tokens: int | None) -> dict[str, Any]:
+def _call(call: Call) -> dict[str, Any]:
+    return {
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": call.arguments_json()},
+    }
+
+
+def _completion(answer: ToolAnswer, model_id: str, max_new_tokens: int | None) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": answer.text or None}
+    if answer.calls:
+        message["tool_calls"] = [_call(c) for c in answer.calls]
+    elif message["content"] is None:
+        message["content"] = ""
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion",
@@ -282,7 +378,7 @@ def _completion(answer: Answer, model_id: str, max_new_tokens: int | None) -> di
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": answer.text},
+                "message": message,
                 "finish_reason": _finish_reason(answer, max_new_tokens),
             }
         ],
@@ -291,27 +387,66 @@ def _completion(answer: Answer, model_id: str, max_new_tokens: int | None) -> di
     }
 
 
-async def _sse(
-    stream: Any, model_id: str, max_new_tokens: int | None, metrics: Metrics, started: float
-) -> AsyncIterator[str]:
-    """OpenAI's chunk events; the last carries the finish reason, usage and the decision. A
-    client that goes away cancels the request (the stream is closed with the response)."""
-    base = {
+def _chunk_base(model_id: str) -> dict[str, Any]:
+    return {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion.chunk",
         "created": int(time.time()),
         "model": model_id,
     }
 
+
+def _event(base: dict[str, Any], delta: dict[str, Any], finish: str | None, **extra: Any) -> str:
+    body = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+    return f"data: {json.dumps(body)}\n\n"
+
+
+# Streamed call arguments come in pieces of this many characters, as OpenAI's do.
+_ARGUMENT_PIECE = 16
+
+
+async def _sse_tools(
+    answer: ToolAnswer, model_id: str, max_new_tokens: int | None
+) -> AsyncIterator[str]:
+    """An answer with tools as OpenAI streams one: its text, then per call a delta with its
+    index, id, type and name, then its arguments in pieces; the last event has the finish
+    reason, usage and the decision. The whole answer is made first: a call is parsed (and
+    guarded) before any of it is shown."""
+    base = _chunk_base(model_id)
+    yield _event(base, {"role": "assistant", "content": answer.text or None}, None)
+    for index, call in enumerate(answer.calls):
+        opening = {
+            "index": index,
+            "id": call.id,
+            "type": "function",
+            "function": {"name": call.name, "arguments": ""},
+        }
+        yield _event(base, {"tool_calls": [opening]}, None)
+        arguments = call.arguments_json()
+        for start in range(0, len(arguments), _ARGUMENT_PIECE):
+            piece = arguments[start : start + _ARGUMENT_PIECE]
+            delta = {"tool_calls": [{"index": index, "function": {"arguments": piece}}]}
+            yield _event(base, delta, None)
+    extra = {"usage": _usage(answer), "guard": answer.decision.as_dict()}
+    yield _event(base, {}, _finish_reason(answer, max_new_tokens), **extra)
+    yield "data: [DONE]\n\n"
+
+
+async def _sse(
+    stream: Any, model_id: str, max_new_tokens: int | None, metrics: Metrics, started: float
+) -> AsyncIterator[str]:
+    """OpenAI's chunk events; the last carries the finish reason, usage and the decision. A
+    client that goes away cancels the request (the stream is closed with the response)."""
+    base = _chunk_base(model_id)
+
     def event(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
-        body = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
-        return f"data: {json.dumps(body)}\n\n"
+        return _event(base, delta, finish, **extra)
 
     try:
         yield event({"role": "assistant", "content": ""})
         async for text in stream:
             yield event({"content": text})
-        answer = stream.result
+        answer = ToolAnswer("", [], [stream.result])
         metrics.answered(answer.decision, time.monotonic() - started)
         extra = {"usage": _usage(answer), "guard": answer.decision.as_dict()}
         yield event({}, _finish_reason(answer, max_new_tokens), **extra)

@@ -104,6 +104,9 @@ class Request:
     budget: float | None = None
     search: SearchSettings | None = None
     cost_model: str | None = None  # one of the worker's `Scorers.alternatives`; None: its own
+    # Text whose first token's probability as the answer's first token the decision reports
+    # (`first_token_prob`), read from the prefill logits: e.g. the opening of a tool call.
+    probe: str = ""
 
 
 class Sink(Protocol):
@@ -261,6 +264,7 @@ class LocalWorker:
         self._eos = set(lm.eos_token_ids)
         self._calibrated_steering = calibration.steering if calibration else None
         self._vectors: dict[SteeringSetting, dict[int, torch.Tensor]] = {}
+        self._probe_ids: dict[str, int] = {}
         self._latent = state_reader(scorers.cost) if scorers else None
         self._thread = threading.Thread(target=self._run, name="guardrail-worker", daemon=True)
         _LIVE_WORKERS.add(self)
@@ -400,6 +404,7 @@ class LocalWorker:
             )
         gated = executor.prefill([p.ids for p in prompts], pool=pool)
         state = gated.state
+        probes = self._probe_probs(group, state.next_logits)
         scores: list[float | None] = [None] * len(group)
         thresholds: list[float | None] = [None] * len(group)
         fired = [False] * len(group)
@@ -431,6 +436,7 @@ class LocalWorker:
                 tenant=request.tenant,
                 prompt_tokens=int(state.attention_mask[row].sum()),
                 budget=request.budget,
+                first_token_prob=probes[row],
             )
             if not hit:
                 plain.append(row)
@@ -471,6 +477,20 @@ class LocalWorker:
         self._rows.extend(job.entry for job in rows)
         self.scheduler.joined([job.entry for job in rows])
         self.stats.max_rows = max(self.stats.max_rows, len(self.scheduler.running))
+
+    def _probe_probs(self, group: list[_Job], logits: torch.Tensor) -> list[float | None]:
+        """Each row's probability of its probe's first token as the next token (None: no probe)."""
+        out: list[float | None] = [None] * len(group)
+        asked = [(row, job.request.probe) for row, job in enumerate(group) if job.request.probe]
+        if not asked:
+            return out
+        probs = torch.softmax(logits[[row for row, _ in asked]].float(), dim=-1)
+        for (row, probe), row_probs in zip(asked, probs, strict=True):
+            if probe not in self._probe_ids:
+                ids = self.lm.tokenizer(probe, add_special_tokens=False)["input_ids"]
+                self._probe_ids[probe] = int(ids[0])
+            out[row] = float(row_probs[self._probe_ids[probe]])
+        return out
 
     def _step(self) -> None:
         """Pick one token per row, release checked chunks, drop rows that left, decode once."""
