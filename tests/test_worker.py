@@ -25,8 +25,7 @@ from guardrail.errors import InputError, OverloadedError, ShutdownError
 from guardrail.gate.artifact import Calibration, SteeringSetting
 from guardrail.gate.readout import Gate
 from guardrail.gate.vectors import gate_scores, num_layers
-from guardrail.runtime.forward import Sampling
-from guardrail.serve.engine import GuardedGenerator
+from guardrail.runtime.forward import Sampling, decode, prefill, steered_generate
 from guardrail.serve.guard import Guard
 from guardrail.serve.worker import LocalWorker, Request
 from guardrail.tenants.store import TenantPolicy
@@ -143,11 +142,23 @@ def test_batch_invariance(tiny_lm: Any, reads: tuple[str, ...]) -> None:
             b.decision.new_tokens,
         )
         assert a.decision.gate_score == pytest.approx(b.decision.gate_score, abs=1e-4)
-    # The worker agrees with the batch engine (which steers by a second prefill, as here).
-    engine = GuardedGenerator(tiny_lm, calibration, on_fire="steer")
+    # The worker agrees with plain generation: the gate's own read-out decides the path, and
+    # a fired row's answer is a steered prefill and decode of the prompt, an unfired one the
+    # unsteered answer.
+    gate, setting = calibration.gate, calibration.steering
+    assert setting is not None
+    vectors = calibration.steering_vectors(setting)
     for request, answer in zip(requests[:6], alone, strict=False):
-        expected = engine.generate([request.chat], request.sampling)[0]  # type: ignore[list-item]
-        assert (expected.text, expected.decision.path) == (answer.text, answer.decision.path)
+        text = tiny_lm.prompt(request.chat).text
+        sampling = request.sampling
+        if bool(gate.fires(gate_scores(tiny_lm, gate, [request.chat]))[0]):
+            strength = torch.tensor([setting.strength])
+            tokens = steered_generate(tiny_lm, [text], vectors, strength, sampling)[0]
+            path = "steered"
+        else:
+            tokens, path = decode(tiny_lm, prefill(tiny_lm, [text]), sampling)[0], "plain"
+        expected = str(tiny_lm.tokenizer.decode(tokens, skip_special_tokens=True)).strip()
+        assert (expected, path) == (answer.text, answer.decision.path)
 
 
 def test_refused_rows_never_decode(llama: Any, llama_cal: Calibration) -> None:

@@ -272,7 +272,8 @@ class Guard:
         prefix = overrides.get("response_prefix", "")
         if not isinstance(prefix, str):
             raise InputError(f"response_prefix must be a string, got {type(prefix).__name__}")
-        budget = self._budget(tenant, policy) if guarded else None  # the guard is off
+        # The guard off: no cost check. The refusal text's checked cost goes with the request.
+        budget, refusal_cost = self._budget(tenant, policy) if guarded else (None, None)
         return Request(
             chat=to_messages(messages),
             sampling=sampling,
@@ -287,16 +288,18 @@ class Guard:
             response_prefix=prefix,
             stop=tuple(stop),
             budget=budget,
+            refusal_cost=refusal_cost,
             search=policy.search if budget is not None else None,
             cost_model=policy.cost_model if budget is not None else None,
         )
 
-    def _budget(self, tenant: str, policy: TenantPolicy) -> float | None:
-        """The tenant's budget when the worker has a cost model (None: no cost check). Its
-        refusal text must be within it: the text every fail-closed path answers with."""
+    def _budget(self, tenant: str, policy: TenantPolicy) -> tuple[float | None, float | None]:
+        """The tenant's budget when the worker has a cost model (None: no cost check), and
+        its refusal text's cost, costed once here: it must be within the budget, as the text
+        every fail-closed path answers with, and the worker answers a refusal with it."""
         scorers = getattr(self.worker, "scorers", None)
         if scorers is None:
-            return None
+            return None, None
         text = policy.refusal_text
         try:
             cost = scorers.for_cost(policy.cost_model).cost
@@ -313,7 +316,7 @@ class Guard:
                 f"budget {policy.budget}: write a plainer refusal or raise the budget"
             )
             raise PolicyError([Problem(f"tenant {tenant!r}", None, "refusal_text", message)])
-        return policy.budget
+        return policy.budget, self._refusal_costs[key]
 
     def _calibration(self, needs: str) -> Calibration:
         calibration = getattr(self.worker, "calibration", None)
