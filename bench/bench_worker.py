@@ -135,7 +135,9 @@ def sequential(
     lm: Any, calibration: Calibration, prompts: list[str], n: int, tokens: int, threads: int
 ) -> float:
     """Requests per second answered one at a time: one client, a worker with a batch of one."""
-    guard = Guard(worker=LocalWorker(lm, calibration, max_batch=1, join=False, torch_threads=threads))
+    guard = Guard(
+        worker=LocalWorker(lm, calibration, max_batch=1, join=False, torch_threads=threads)
+    )
     try:
         asyncio.run(guard.generate(prompts[0], max_new_tokens=2))  # warm-up, untimed
         return asyncio.run(clients(guard, prompts, 1, n, tokens))[0]

@@ -47,7 +47,9 @@ def guard(lm: Any, calibration: Any, scorers: Any) -> Iterator[Guard]:
         "steer": dataclasses.replace(shipped, on_fire="steer"),
         "gate": dataclasses.replace(shipped, on_fire="refuse"),
     }
-    served = Guard(lm, calibration, scorers=scorers, policies=policies, max_batch=32, max_queue=8192)
+    served = Guard(
+        lm, calibration, scorers=scorers, policies=policies, max_batch=32, max_queue=8192
+    )
     yield served
     served.close()
 
@@ -56,7 +58,8 @@ def left_for_budget(a: Answer) -> bool:
     """Whether the cost checks took the row off its path: a chunk over budget continued in
     the search, or ended with the refusal text when the search found nothing within it."""
     return a.decision.path == "search" or (
-        a.decision.path == "refused" and a.decision.reason in ("over_budget", "no_answer_within_budget")
+        a.decision.path == "refused"
+        and a.decision.reason in ("over_budget", "no_answer_within_budget")
     )
 
 

@@ -8,6 +8,7 @@ set between the scores of the test prompts so that some of them fire.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import subprocess
 import sys
 import threading
@@ -21,6 +22,7 @@ import torch
 
 from conftest import _tiny
 from guardrail.budget.search import Scorers, SearchSettings
+from guardrail.decision import fired_steering
 from guardrail.errors import InputError, OverloadedError, ShutdownError
 from guardrail.gate.artifact import Calibration, SteeringSetting
 from guardrail.gate.readout import Gate
@@ -161,6 +163,30 @@ def test_batch_invariance(tiny_lm: Any, reads: tuple[str, ...]) -> None:
         assert (expected, path) == (answer.text, answer.decision.path)
 
 
+def test_fired_rows_follow_one_rule(llama: Any, llama_cal: Calibration) -> None:
+    """`fired_steering` alone decides what a fired row gets: `auto` steers only when the
+    calibrated steering met the refusal target; a tenant's own setting counts for `steer`
+    even when calibration chose none; `steer` with no setting at all fails at submission."""
+    setting = SteeringSetting("srv", (1,), 2.0)
+    assert fired_steering(llama_cal, "auto") == llama_cal.steering
+    assert fired_steering(llama_cal, "auto", setting) == setting
+    assert fired_steering(llama_cal, "refuse", setting) is None
+    unmet = dataclasses.replace(llama_cal, steering_meets_target=False)
+    assert fired_steering(unmet, "auto") is None and fired_steering(unmet, "steer") is not None
+    none = dataclasses.replace(llama_cal, steering=None)
+    assert fired_steering(none, "steer", setting) == setting
+    with pytest.raises(ValueError, match="steering"):
+        fired_steering(none, "steer")
+    worker = LocalWorker(llama, none, start=False)
+    sink: Any = SimpleNamespace(
+        chunk=lambda text: None, done=lambda answer: None, fail=lambda error: None
+    )
+    worker.submit(Request("Hi", on_fire="steer", steering=setting), sink)
+    with pytest.raises(InputError, match="steering"):
+        worker.submit(Request("Hi", on_fire="steer"), sink)
+    worker.close(drain=False)
+
+
 def test_refused_rows_never_decode(llama: Any, llama_cal: Calibration) -> None:
     worker = LocalWorker(llama, llama_cal, start=False)
     answers = _collect(
@@ -221,6 +247,20 @@ def test_stream_releases_only_chunks_within_budget(llama: Any, llama_cal: Calibr
     assert "".join(pieces).strip() == stream_sync.result.text and len(pieces) >= 3
     assert stream_sync.result.decision.cost == 0.0
     guard.close()
+
+
+def test_refusal_text_is_costed_once(llama: Any, llama_cal: Calibration) -> None:
+    """The Guard costs its tenant's refusal text once, checking it against the budget; the
+    worker answers every refusal with that cost instead of costing the text again."""
+    cost = ScriptedCost()
+    guard = Guard(worker=LocalWorker(llama, llama_cal, scorers=Scorers(cost)))
+    guard.policies["default"] = TenantPolicy(on_fire="refuse", refusal_text=REFUSAL, search=None)
+    answers = [guard.generate_sync(p, max_new_tokens=4) for p in PROMPTS]
+    guard.close()
+    refused = [a for a in answers if a.decision.path == "refused"]
+    assert len(refused) == 2 and all(a.decision.fired for a in refused)
+    assert all(a.text == REFUSAL and a.decision.cost == 0.0 for a in refused)
+    assert [text for call in cost.calls for text in call].count(REFUSAL) == 1
 
 
 def test_broken_cost_model_fails_closed_for_its_row(llama: Any, llama_cal: Calibration) -> None:
