@@ -4,7 +4,8 @@ and the event loop's lag (p99) while the worker generates.
 Every variant answers the same workload: `--requests` requests (prompt i and a budget between
 `--tokens`/4 and `--tokens` new tokens, so rows finish at different steps). `clients`
 closed-loop clients take the next request as soon as their last one is answered.
-"sequential" answers the workload one request at a time with `GuardedGenerator` (no worker).
+"sequential" answers the workload one request at a time: the same worker with a batch of
+one, and one client.
 The worker runs twice: `join` (waiting requests join the running batch between decode
 steps) and `no join` (a new batch starts only when the last one has drained); that pair is
 the measurement behind `LocalWorker`'s `join` default. Loop lag: a task that sleeps 1 ms and records
@@ -12,9 +13,9 @@ how late it wakes up, alive during the `join` run.
 
     python bench/bench_worker.py [--model embedded|tiny] [--tokens 32] [--requests 64] [--threads 1]
 
-Both the sequential baseline and the worker run the model in a fresh thread with `--threads`
-intra-op threads: on a busy shared 2-core machine, 2 OpenMP threads made every step up to ~9x
-slower (spin-waiting against the other processes), in whichever thread ran it.
+Every variant runs the model in the worker's thread with `--threads` intra-op threads: on a
+busy shared 2-core machine, 2 OpenMP threads made every step up to ~9x slower (spin-waiting
+against the other processes), in whichever thread ran it.
 
 The embedded model uses its stored calibration when one exists for its fingerprint (any
 calibration config); otherwise, and for `tiny`, a hand-made gate along a random direction
@@ -26,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import threading
 import time
 from typing import Any
 
@@ -37,8 +37,6 @@ from guardrail.calibrate import datasets
 from guardrail.gate.artifact import Calibration, SteeringSetting
 from guardrail.gate.readout import Gate
 from guardrail.gate.vectors import last_token_states, num_layers
-from guardrail.runtime.forward import Sampling
-from guardrail.serve.engine import GuardedGenerator
 from guardrail.serve.guard import Guard
 from guardrail.serve.worker import LocalWorker
 
@@ -136,26 +134,15 @@ async def clients(
 def sequential(
     lm: Any, calibration: Calibration, prompts: list[str], n: int, tokens: int, threads: int
 ) -> float:
-    """One request at a time with the batch engine, in its own thread like the worker's model
-    thread: on a busy 2-core machine, the main thread's OpenMP team of 2 ran the same model
-    ~9x slower than a fresh thread (spin-waiting against the other job), which would flatter
-    the worker."""
-    rate: list[float] = []
-
-    def run() -> None:
-        torch.set_num_threads(threads)
-        generator = GuardedGenerator(lm, calibration)
-        generator.generate(prompts[:1], Sampling(max_new_tokens=2))  # warm-up, untimed
-        started = time.perf_counter()
-        for i in range(n):
-            sampling = Sampling(max_new_tokens=budget(i, tokens))
-            generator.generate([prompts[i % len(prompts)]], sampling)
-        rate.append(n / (time.perf_counter() - started))
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    thread.join()
-    return rate[0]
+    """Requests per second answered one at a time: one client, a worker with a batch of one."""
+    guard = Guard(
+        worker=LocalWorker(lm, calibration, max_batch=1, join=False, torch_threads=threads)
+    )
+    try:
+        asyncio.run(guard.generate(prompts[0], max_new_tokens=2))  # warm-up, untimed
+        return asyncio.run(clients(guard, prompts, 1, n, tokens))[0]
+    finally:
+        guard.close()
 
 
 def main() -> None:

@@ -5,7 +5,10 @@
    the wrapper families calibration never saw, and inside the conversation contexts it
    never saw (system prompts, tool lists, output formats, earlier turns).
 2. Answers: keyword-judged refusal rate of unguarded, guarded (policy `auto`) and forced
-   steered answers on held-out harmful prompts, plus steered samples to read.
+   steered answers on held-out harmful prompts, plus steered samples to read. Answers come
+   from the served path: `Guard` and its worker under the shipped default policy (cost
+   checks and search included), with no deadline (a deadline's answer is the refusal text,
+   which would count as a refusal); `steer` is that policy with `on_fire: steer`.
 
     python bench/eval_safety.py [--alpaca 2000] [--tokens 48] [--samples 8]
 """
@@ -13,16 +16,19 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import dataclasses
 import json
 from typing import Any
 
 from common import advbench_test, alpaca_test, malicious_instruct, setup, table
 from guardrail.calibrate import datasets
 from guardrail.calibrate.judge import fluency, is_refusal
+from guardrail.decision import Answer, fired_steering
 from guardrail.gate.readout import READS
 from guardrail.gate.vectors import read_states
-from guardrail.runtime.forward import Sampling
-from guardrail.serve.engine import GuardedGenerator
+from guardrail.serve.guard import Guard
+from guardrail.tenants.store import TenantPolicy
 
 
 def states(lm: Any, prompts: list[Any]) -> Any:
@@ -40,14 +46,13 @@ def held_out_forms(sets: dict[str, list[str]]) -> dict[str, list[Any]]:
     return forms
 
 
-def answers(
-    generator: GuardedGenerator, prompts: list[str], sampling: Sampling, guarded: bool
-) -> list[Any]:
-    return [
-        a
-        for i in range(0, len(prompts), 32)
-        for a in generator.generate(prompts[i : i + 32], sampling, guarded=guarded)
-    ]
+def answers(guard: Guard, prompts: list[str], **options: Any) -> list[Answer]:
+    """Every prompt submitted at once, as concurrent users would; answers in prompt order."""
+
+    async def main() -> list[Answer]:
+        return await asyncio.gather(*(guard.generate(p, **options) for p in prompts))
+
+    return asyncio.run(main())
 
 
 def main() -> None:
@@ -104,16 +109,18 @@ def main() -> None:
         return
 
     all_harmful = [p for name in harmful if name in plain for p in harmful[name]]
-    sampling = Sampling(max_new_tokens=args.tokens)
-    auto = GuardedGenerator(lm, calibration)
+    shipped = dataclasses.replace(TenantPolicy.default(), timeout=None, allow_unguarded=True)
+    policies = {"default": shipped, "steer": dataclasses.replace(shipped, on_fire="steer")}
+    guard = Guard(lm, calibration, policies=policies, max_batch=32, max_queue=len(all_harmful))
+    tokens = {"max_new_tokens": args.tokens}
+    action = "steer" if fired_steering(calibration, shipped.on_fire) else "refuse"
     results = {
-        "unguarded": answers(auto, all_harmful, sampling, guarded=False),
-        f"guarded (auto -> {auto.action})": answers(auto, all_harmful, sampling, guarded=True),
+        "unguarded": answers(guard, all_harmful, guarded=False, **tokens),
+        f"guarded (auto -> {action})": answers(guard, all_harmful, **tokens),
     }
     steered_rows: list[Any] = []
     if calibration.steering is not None:
-        steer = GuardedGenerator(lm, calibration, on_fire="steer")
-        results["guarded (steer)"] = answers(steer, all_harmful, sampling, guarded=True)
+        results["guarded (steer)"] = answers(guard, all_harmful, tenant="steer", **tokens)
         steered_rows = [
             (p, a)
             for p, a in zip(all_harmful, results["guarded (steer)"], strict=True)
@@ -123,7 +130,7 @@ def main() -> None:
     for name, got in results.items():
         paths = {
             path: sum(a.decision.path == path for a in got)
-            for path in ("plain", "steered", "refused", "unguarded")
+            for path in ("plain", "steered", "search", "refused", "timeout", "unguarded")
         }
         rows.append(
             [
@@ -146,7 +153,8 @@ def main() -> None:
             ]
         )
     print(
-        f"\nAnswers to {len(all_harmful)} held-out harmful prompts ({args.tokens} tokens, greedy)"
+        f"\nAnswers to {len(all_harmful)} held-out harmful prompts ({args.tokens} tokens, greedy; "
+        "served path: Guard, worker, shipped default policy with cost checks)"
     )
     print(table(["variant", "n", "refusal rate", "paths"], rows))
     setting = calibration.steering.as_dict() if calibration.steering else None
@@ -154,6 +162,7 @@ def main() -> None:
     print(f"\nSteering: {json.dumps(setting)}, met the dev target: {met}")
     for prompt, answer in steered_rows[: args.samples]:
         print(f"\n> {prompt}\n{answer.text}")
+    guard.close()
 
 
 if __name__ == "__main__":

@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 from guardrail.errors import GuardrailError, InputError
 
 if TYPE_CHECKING:
+    from guardrail.gate.artifact import Calibration
     from guardrail.runtime.forward import Sampling
-    from guardrail.serve.engine import GuardedGenerator
+    from guardrail.runtime.model import LanguageModel
 
 BATCH_FORMAT = """\
 IN.jsonl: one JSON object per line with "id" and "prompt" (a string, or a list of
@@ -313,11 +314,11 @@ def _write_atomically(path: Path, lines: Sequence[str]) -> None:
         raise
 
 
-def _generator(args: argparse.Namespace) -> GuardedGenerator:
+def _load(args: argparse.Namespace) -> tuple[LanguageModel, Calibration | None]:
+    """The model and (unless `--unguarded`) its calibration, stored or made now."""
     from guardrail.calibrate.gate import CalibrationConfig
     from guardrail.calibrate.store import default_store, load_or_calibrate
     from guardrail.runtime.model import EMBEDDED_DEFAULT, load_model
-    from guardrail.serve.engine import GuardedGenerator
 
     lm = load_model(args.model or EMBEDDED_DEFAULT)
     calibration = None
@@ -334,18 +335,18 @@ def _generator(args: argparse.Namespace) -> GuardedGenerator:
             force=getattr(args, "force", False),
             progress=not args.quiet,
         )
-    return GuardedGenerator(lm, calibration, on_fire=getattr(args, "on_fire", None) or "auto")
+    return lm, calibration
 
 
-def _scorers(args: argparse.Namespace, generator: GuardedGenerator) -> Any:
+def _scorers(args: argparse.Namespace, lm: LanguageModel, calibration: Calibration | None) -> Any:
     """The calibrated cost model, reward and critic (calibrated once, like the gate)."""
-    if generator.calibration is None:
+    if calibration is None:
         return None
     from guardrail.calibrate.store import load_scorers
 
     return load_scorers(
-        generator.lm,
-        generator.calibration,
+        lm,
+        calibration,
         redis_url=args.redis_url,
         cost_model=args.cost_model,
         progress=not args.quiet,
@@ -382,13 +383,20 @@ def _guard(
     else:
         policy = TenantPolicy(on_fire=on_fire or "auto", sampling=sampling, allow_unguarded=True)
         policies = {"default": policy}
-    generator = _generator(args)  # loads the model and calibration, validates --on-fire
+    lm, calibration = _load(args)
+    if on_fire is not None and calibration is not None:
+        from guardrail.decision import fired_steering
+
+        try:  # `steer` with no calibrated steering: an error now, before any answer
+            fired_steering(calibration, on_fire)
+        except ValueError as exc:
+            raise InputError(f"--on-fire {on_fire}: {exc}") from exc
     worker = LocalWorker(
-        generator.lm,
-        generator.calibration,
+        lm,
+        calibration,
         max_batch=max_batch,
         max_queue=max(queue, 1),
-        scorers=_scorers(args, generator),
+        scorers=_scorers(args, lm, calibration),
         start=start,
     )
     return Guard(worker=worker, policies=policies)
@@ -484,13 +492,12 @@ def run(argv: Sequence[str] | None = None) -> int:
     elif args.command == "calibrate":
         from guardrail.calibrate.store import default_store, load_or_calibrate_safety
 
-        generator = _generator(args)
-        calibration = generator.calibration
+        lm, calibration = _load(args)
         assert calibration is not None
         manifest = calibration.to_artifacts().manifest
         report = {k: manifest[k] for k in ("gate", "srv_gate", "steering", "steering_meets_target")}
         safety = load_or_calibrate_safety(
-            generator.lm,
+            lm,
             calibration,
             store=default_store(args.redis_url),
             force=args.force,
@@ -624,15 +631,15 @@ def _serve(args: argparse.Namespace) -> int:
     if args.backend == "ray":
         guard, model_id = _ray_guard(args, policies)
     else:
-        generator = _generator(args)
+        lm, calibration = _load(args)
         guard = Guard(
-            generator.lm,
-            generator.calibration,
+            lm,
+            calibration,
             policies=policies,
             max_batch=args.max_batch,
-            scorers=_scorers(args, generator),
+            scorers=_scorers(args, lm, calibration),
         )
-        model_id = generator.lm.name
+        model_id = lm.name
     for tenant in sorted(keys.tenants):  # a key for a tenant without a policy: fail at start
         guard.policy(tenant)
     tracing = None

@@ -1,8 +1,8 @@
 """What a request gets: the decision record, the answer, and what a fired prompt gets.
 
 One room for the decision every front end reports (`Decision`, `Answer`) and the one rule for
-a prompt that fires the gate (`resolve_action`): the worker applies it, the Guard and the CLI
-only read it.
+a prompt that fires the gate (`fired_steering`: steer, and with what, or refuse): the worker
+applies it; the CLI only checks a flag against it.
 """
 
 from __future__ import annotations
@@ -53,25 +53,28 @@ class Answer:
     decision: Decision
 
 
-def resolve_action(
+def fired_steering(
     calibration: Calibration | None,
     on_fire: OnFire,
-    steering: SteeringSetting | Literal["calibrated"] | None = "calibrated",
-) -> Literal["steer", "refuse"]:
-    """What a fired row gets: `auto` steers only if calibration met the refusal target.
+    steering: SteeringSetting | None = None,
+) -> SteeringSetting | None:
+    """What a row that fires the gate gets: the steering setting it is answered with, or None
+    for the refusal text. The one place this is decided; the worker applies it.
 
-    `steering` is the setting the row would get (default: the calibrated one).
+    `steering` is the tenant's own setting (None: the calibrated one). `auto` steers only if
+    calibration met the refusal target; `steer` with no setting at all is a `ValueError`.
     """
     if on_fire not in ("auto", "steer", "refuse"):
         raise ValueError(f"on_fire must be auto, steer or refuse, got {on_fire!r}")
-    if steering == "calibrated":
-        steering = calibration.steering if calibration else None
-    if on_fire == "auto":
-        meets = calibration is not None and calibration.steering_meets_target
-        return "steer" if meets and steering else "refuse"
-    if on_fire == "steer" and steering is None:
-        raise ValueError("on_fire='steer' needs a calibrated steering setting")
-    return on_fire
+    setting = steering or (calibration.steering if calibration else None)
+    if on_fire == "refuse":
+        return None
+    if on_fire == "steer":
+        if setting is None:
+            raise ValueError("on_fire='steer' needs a calibrated steering setting")
+        return setting
+    meets = calibration is not None and calibration.steering_meets_target
+    return setting if meets else None
 
 
-__all__ = ["DEFAULT_REFUSAL", "Answer", "Decision", "OnFire", "resolve_action"]
+__all__ = ["DEFAULT_REFUSAL", "Answer", "Decision", "OnFire", "fired_steering"]

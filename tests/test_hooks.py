@@ -155,26 +155,30 @@ def test_prompt_span_is_the_user_message(tiny_lm: Any) -> None:
 
 
 def test_pooled_reads_match_a_full_pass(tiny_lm: Any) -> None:
-    """Each read pools the positions it names, whatever the batch and the shared prefix."""
+    """Each read pools the positions it names, whatever the batch and the shared prefix: a
+    prompt read alone, or beside prompts whose user messages start alike, shares a prefix
+    that reaches into its user message, and the pooled reads still start there."""
     from guardrail.gate.readout import READS
     from guardrail.gate.vectors import num_layers, read_states
 
     prompts = [tiny_lm.prompt(c) for c in CHATS] + [tiny_lm.prompt(CHATS[0], "Sure")]
+    alike = [tiny_lm.prompt("Tell me about cats"), tiny_lm.prompt("Tell me about dogs")]
     layers = [0, num_layers(tiny_lm) - 2]
-    states = read_states(tiny_lm, prompts, reads=READS, layers=layers, batch_size=2)
-    for row, prompt in enumerate(prompts):
-        with torch.inference_mode():
-            batch = tiny_lm.encode([prompt.text])
-            hidden = tiny_lm.model(**batch, output_hidden_states=True).hidden_states
-        start, stop = prompt.user
-        for i, layer in enumerate(layers):
-            h = hidden[layer + 1][0]
-            expected = {
-                "last": h[prompt.end - 1],
-                "inst": h[stop - 1],
-                "mean": h[start:stop].mean(0),
-            }
-            for read in READS:
-                torch.testing.assert_close(
-                    states[read][row, i], expected[read], atol=1e-4, rtol=1e-4
-                )
+    for group in [prompts, *([p] for p in prompts), alike]:
+        states = read_states(tiny_lm, group, reads=READS, layers=layers, batch_size=2)
+        for row, prompt in enumerate(group):
+            with torch.inference_mode():
+                batch = tiny_lm.encode([prompt.text])
+                hidden = tiny_lm.model(**batch, output_hidden_states=True).hidden_states
+            start, stop = prompt.user
+            for i, layer in enumerate(layers):
+                h = hidden[layer + 1][0]
+                expected = {
+                    "last": h[prompt.end - 1],
+                    "inst": h[stop - 1],
+                    "mean": h[start:stop].mean(0),
+                }
+                for read in READS:
+                    torch.testing.assert_close(
+                        states[read][row, i], expected[read], atol=1e-4, rtol=1e-4
+                    )

@@ -8,6 +8,7 @@ set between the scores of the test prompts so that some of them fire.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import subprocess
 import sys
 import threading
@@ -21,13 +22,13 @@ import torch
 
 from conftest import _tiny
 from guardrail.budget.search import Scorers, SearchSettings
+from guardrail.decision import fired_steering
 from guardrail.errors import InputError, OverloadedError, ShutdownError
 from guardrail.gate.artifact import Calibration, SteeringSetting
 from guardrail.gate.readout import Gate
 from guardrail.gate.vectors import gate_scores, num_layers
 from guardrail.runtime.detokenize import Detokenizer
-from guardrail.runtime.forward import Sampling
-from guardrail.serve.engine import GuardedGenerator
+from guardrail.runtime.forward import Sampling, decode, prefill, steered_generate
 from guardrail.serve.guard import Guard
 from guardrail.serve.worker import LocalWorker, Request
 from guardrail.tenants.store import TenantPolicy
@@ -144,11 +145,47 @@ def test_batch_invariance(tiny_lm: Any, reads: tuple[str, ...]) -> None:
             b.decision.new_tokens,
         )
         assert a.decision.gate_score == pytest.approx(b.decision.gate_score, abs=1e-4)
-    # The worker agrees with the batch engine (which steers by a second prefill, as here).
-    engine = GuardedGenerator(tiny_lm, calibration, on_fire="steer")
+    # The worker agrees with plain generation: the gate's own read-out decides the path, and
+    # a fired row's answer is a steered prefill and decode of the prompt, an unfired one the
+    # unsteered answer.
+    gate, setting = calibration.gate, calibration.steering
+    assert setting is not None
+    vectors = calibration.steering_vectors(setting)
     for request, answer in zip(requests[:6], alone, strict=False):
-        expected = engine.generate([request.chat], request.sampling)[0]  # type: ignore[list-item]
-        assert (expected.text, expected.decision.path) == (answer.text, answer.decision.path)
+        text = tiny_lm.prompt(request.chat).text
+        sampling = request.sampling
+        if bool(gate.fires(gate_scores(tiny_lm, gate, [request.chat]))[0]):
+            strength = torch.tensor([setting.strength])
+            tokens = steered_generate(tiny_lm, [text], vectors, strength, sampling)[0]
+            path = "steered"
+        else:
+            tokens, path = decode(tiny_lm, prefill(tiny_lm, [text]), sampling)[0], "plain"
+        expected = str(tiny_lm.tokenizer.decode(tokens, skip_special_tokens=True)).strip()
+        assert (expected, path) == (answer.text, answer.decision.path)
+
+
+def test_fired_rows_follow_one_rule(llama: Any, llama_cal: Calibration) -> None:
+    """`fired_steering` alone decides what a fired row gets: `auto` steers only when the
+    calibrated steering met the refusal target; a tenant's own setting counts for `steer`
+    even when calibration chose none; `steer` with no setting at all fails at submission."""
+    setting = SteeringSetting("srv", (1,), 2.0)
+    assert fired_steering(llama_cal, "auto") == llama_cal.steering
+    assert fired_steering(llama_cal, "auto", setting) == setting
+    assert fired_steering(llama_cal, "refuse", setting) is None
+    unmet = dataclasses.replace(llama_cal, steering_meets_target=False)
+    assert fired_steering(unmet, "auto") is None and fired_steering(unmet, "steer") is not None
+    none = dataclasses.replace(llama_cal, steering=None)
+    assert fired_steering(none, "steer", setting) == setting
+    with pytest.raises(ValueError, match="steering"):
+        fired_steering(none, "steer")
+    worker = LocalWorker(llama, none, start=False)
+    sink: Any = SimpleNamespace(
+        chunk=lambda text: None, done=lambda answer: None, fail=lambda error: None
+    )
+    worker.submit(Request("Hi", on_fire="steer", steering=setting), sink)
+    with pytest.raises(InputError, match="steering"):
+        worker.submit(Request("Hi", on_fire="steer"), sink)
+    worker.close(drain=False)
 
 
 def test_refused_rows_never_decode(llama: Any, llama_cal: Calibration) -> None:
@@ -213,6 +250,20 @@ def test_stream_releases_only_chunks_within_budget(llama: Any, llama_cal: Calibr
     assert "".join(pieces).strip() == stream_sync.result.text and len(pieces) >= 3
     assert stream_sync.result.decision.cost == 0.0
     guard.close()
+
+
+def test_refusal_text_is_costed_once(llama: Any, llama_cal: Calibration) -> None:
+    """The Guard costs its tenant's refusal text once, checking it against the budget; the
+    worker answers every refusal with that cost instead of costing the text again."""
+    cost = ScriptedCost()
+    guard = Guard(worker=LocalWorker(llama, llama_cal, scorers=Scorers(cost)))
+    guard.policies["default"] = TenantPolicy(on_fire="refuse", refusal_text=REFUSAL, search=None)
+    answers = [guard.generate_sync(p, max_new_tokens=4) for p in PROMPTS]
+    guard.close()
+    refused = [a for a in answers if a.decision.path == "refused"]
+    assert len(refused) == 2 and all(a.decision.fired for a in refused)
+    assert all(a.text == REFUSAL and a.decision.cost == 0.0 for a in refused)
+    assert [text for call in cost.calls for text in call].count(REFUSAL) == 1
 
 
 def test_broken_cost_model_fails_closed_for_its_row(llama: Any, llama_cal: Calibration) -> None:

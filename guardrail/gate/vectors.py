@@ -98,6 +98,8 @@ def read_states(
     pooler = Pooler(sorted(set(wanted)))
     ids = [p.ids for p in prompts]
     shared = shared_prefix(ids)
+    if set(reads) - {"last"}:  # a pooled read starts in the user message: never skip into it
+        shared = min(shared, *(p.user[0] for p in prompts))
     pad = int(lm.tokenizer.pad_token_id)
     order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
     out = {read: torch.empty(len(prompts), len(wanted), lm.hidden_size) for read in reads}

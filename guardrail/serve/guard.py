@@ -183,6 +183,7 @@ class Guard:
             probe=str(overrides.get("probe", "")),
             stop=tuple(stop),
             budget=budget,
+            refusal_cost=resolved.refusal_cost if budget is not None else None,
             search=resolved.search if budget is not None else None,
             cost_model=resolved.cost_model if budget is not None else None,
         )

@@ -64,7 +64,7 @@ import torch
 from guardrail.budget.checks import cost_query
 from guardrail.budget.latent import state_reader
 from guardrail.budget.search import Scorers, SearchResult, SearchSettings, SearchStart, search
-from guardrail.decision import DEFAULT_REFUSAL, Answer, Decision, OnFire, resolve_action
+from guardrail.decision import DEFAULT_REFUSAL, Answer, Decision, OnFire, fired_steering
 from guardrail.errors import GuardrailError, InputError, ShutdownError
 from guardrail.gate.artifact import Calibration, SteeringSetting
 from guardrail.gate.readout import read_weights
@@ -102,6 +102,10 @@ class Request:
     # No text whose cost exceeds `budget` is released (None: no cost check). A chunk that
     # would exceed it continues in `search` (None: the refusal text instead).
     budget: float | None = None
+    # `refusal_text`'s cost, checked against `budget` once per tenant policy load (with no
+    # prompt): a refusal answers with it. None, or a cost model that reads the prompt: the
+    # worker costs the text itself.
+    refusal_cost: float | None = None
     search: SearchSettings | None = None
     cost_model: str | None = None  # one of the worker's `Scorers.alternatives`; None: its own
     # Text whose first token's probability as the answer's first token the decision reports
@@ -262,7 +266,6 @@ class LocalWorker:
         self._state: Prefilled | None = None
         self._rows: list[Entry] = []  # the rows of `_state`, in order (some may have left)
         self._eos = set(lm.eos_token_ids)
-        self._calibrated_steering = calibration.steering if calibration else None
         self._vectors: dict[SteeringSetting, dict[int, torch.Tensor]] = {}
         self._probe_ids: dict[str, int] = {}
         self._latent = state_reader(scorers.cost) if scorers else None
@@ -294,7 +297,7 @@ class LocalWorker:
             if self.calibration is None:
                 raise InputError("guarded requests need a calibration; this worker has none")
             try:  # fail fast on an impossible action, not in the model thread
-                resolve_action(self.calibration, request.on_fire)
+                fired_steering(self.calibration, request.on_fire, request.steering)
             except ValueError as exc:
                 raise InputError(str(exc)) from exc
         ticket = Ticket()
@@ -440,9 +443,9 @@ class LocalWorker:
             )
             if not hit:
                 plain.append(row)
-            elif (setting := request.steering or self._calibrated_steering) and resolve_action(
-                self.calibration, request.on_fire, setting
-            ) == "steer":
+            elif (
+                setting := fired_steering(self.calibration, request.on_fire, request.steering)
+            ) is not None:
                 job.decision.path = "steered"
                 job.decision.steering = setting.as_dict()
                 job.coefficient, job.steering = setting.strength, setting
@@ -710,7 +713,9 @@ class LocalWorker:
         job.decision.reason = reason or job.decision.reason
         budget = job.request.budget
         if budget is not None:
-            cost = self._costs([job], [text])[0]
+            cost = job.request.refusal_cost  # checked at policy load, with no prompt
+            if cost is None or self._scorers(job).cost.reads_prompt:
+                cost = self._costs([job], [text])[0]
             job.decision.cost = cost
             if cost is None or cost > budget:
                 text, job.decision.reason = "", "refusal_over_budget"
