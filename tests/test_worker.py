@@ -252,18 +252,26 @@ def test_stream_releases_only_chunks_within_budget(llama: Any, llama_cal: Calibr
     guard.close()
 
 
-def test_refusal_text_is_costed_once(llama: Any, llama_cal: Calibration) -> None:
-    """The Guard costs its tenant's refusal text once, checking it against the budget; the
-    worker answers every refusal with that cost instead of costing the text again."""
+@pytest.mark.parametrize("reads_prompt", [False, True])
+def test_refusal_text_is_costed_once(
+    llama: Any, llama_cal: Calibration, reads_prompt: bool
+) -> None:
+    """A tenant's refusal text is costed once, when its policy loads, and checked against the
+    budget; the worker answers every refusal with that cost. A cost model that reads the
+    prompt costs the refusal again beside each prompt: its cost depends on the prompt."""
     cost = ScriptedCost()
-    guard = Guard(worker=LocalWorker(llama, llama_cal, scorers=Scorers(cost)))
-    guard.policies["default"] = TenantPolicy(on_fire="refuse", refusal_text=REFUSAL, search=None)
+    cost.reads_prompt = reads_prompt
+    guard = Guard(
+        worker=LocalWorker(llama, llama_cal, scorers=Scorers(cost)),
+        policies={"default": TenantPolicy(on_fire="refuse", refusal_text=REFUSAL, search=None)},
+    )
     answers = [guard.generate_sync(p, max_new_tokens=4) for p in PROMPTS]
     guard.close()
     refused = [a for a in answers if a.decision.path == "refused"]
     assert len(refused) == 2 and all(a.decision.fired for a in refused)
     assert all(a.text == REFUSAL and a.decision.cost == 0.0 for a in refused)
-    assert [text for call in cost.calls for text in call].count(REFUSAL) == 1
+    costed = [text for call in cost.calls for text in call].count(REFUSAL)
+    assert costed == (1 + len(refused) if reads_prompt else 1)
 
 
 def test_broken_cost_model_fails_closed_for_its_row(llama: Any, llama_cal: Calibration) -> None:
