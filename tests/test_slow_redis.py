@@ -67,8 +67,8 @@ class DelayProxy:
         try:
             while data := source.recv(65536):
                 if reply:
+                    self.replies += 1  # counted as it arrives, then held
                     time.sleep(self.delay)
-                    self.replies += 1
                 target.sendall(data)
         except OSError:
             pass
