@@ -198,6 +198,8 @@ class RedisScores:
             self._queue.put_nowait({k: [float(x) for x in v] for k, v in items.items()})
         except queue.Full:
             self.dropped += 1
+            if self.dropped == 1:
+                log.warning("redis score writes fall behind: dropping some (not shared)")
             return
         with self._start:  # the writer exits when idle; start one if none is running
             if self._thread is None or not self._thread.is_alive():

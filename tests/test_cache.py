@@ -35,6 +35,7 @@ from guardrail.cache import (
     RedisStore,
     ScoreCache,
     Signer,
+    TieredScores,
     TieredStore,
     score_key,
 )
@@ -244,6 +245,26 @@ def test_tampered_scores_are_misses(tmp_path: Path, prefix: str) -> None:
     assert remote.get_many([key]) == [[1.0]]
     redis.Redis.from_url(SHARED_URL).set(f"{prefix}:scores:{key}", b"\x80\x04garbage")
     assert remote.get_many([key]) == [None]
+
+
+def test_memory_scores_are_bounded_least_recently_used_first() -> None:
+    cache = MemoryScores(max_items=3)
+    cache.put_many({"a": [1.0], "b": [2.0], "c": [3.0]})
+    assert cache.get_many(["a"]) == [[1.0]]  # "a" is now the most recently used
+    cache.put_many({"d": [4.0], "e": [5.0]})
+    assert len(cache) == 3
+    assert cache.get_many(["a", "b", "c", "d", "e"]) == [[1.0], None, None, [4.0], [5.0]]
+
+
+def test_tiered_scores_fill_memory_from_redis(prefix: str) -> None:
+    shared = Flushed(_shared_scores(prefix))
+    shared.put_many({"k": [0.5]})
+    memory = MemoryScores()
+    tiered = TieredScores([memory, shared])
+    assert tiered.get_many(["k", "missing"]) == [[0.5], None]
+    assert memory.get_many(["k"]) == [[0.5]]  # the next check needs no round trip
+    tiered.put_many({"new": [2.0]})
+    assert memory.get_many(["new"]) == [[2.0]] and shared.get_many(["new"]) == [[2.0]]
 
 
 def test_counting_scores_hit_rate() -> None:
