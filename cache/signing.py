@@ -47,12 +47,13 @@ class Signer:
             mac.update(field)
         return mac.hexdigest()
 
-    def verify(self, tag: str | bytes | None, kind: str, name: str, *parts: bytes) -> bool:
-        if tag is None:
+    def verify(self, tag: object, kind: str, name: str, *parts: bytes) -> bool:
+        """Whether `tag` (as read back: str, bytes, or anything else) is this value's tag."""
+        if isinstance(tag, str):
+            tag = tag.encode("utf-8", "replace")
+        if not isinstance(tag, bytes):
             return False
-        if isinstance(tag, bytes):
-            tag = tag.decode("ascii", "replace")
-        return hmac.compare_digest(tag, self.tag(kind, name, *parts))
+        return hmac.compare_digest(tag, self.tag(kind, name, *parts).encode())
 
 
 def read_key_file(path: str | Path) -> bytes:

@@ -174,6 +174,17 @@ def test_a_worker_ignores_a_calibration_written_without_the_key(
     assert shared.load(key) is not None  # and the operator's own result replaced it
 
 
+def test_tags_of_any_shape_are_checked_not_raised() -> None:
+    good = OPERATOR.tag("scores", "k", b"[1.0]")
+    assert OPERATOR.verify(good, "scores", "k", b"[1.0]")
+    assert OPERATOR.verify(good.encode(), "scores", "k", b"[1.0]")
+    for bad in (None, 7, ["x"], "ü" * 64, b"\xff" * 64, good.upper(), good[:-1]):
+        assert not OPERATOR.verify(bad, "scores", "k", b"[1.0]"), bad
+    assert not OPERATOR.verify(good, "scores", "other", b"[1.0]")
+    assert not OPERATOR.verify(good, "artifacts", "k", b"[1.0]")
+    assert OPERATOR.tag("a", "bc") != OPERATOR.tag("ab", "c")  # fields are length-prefixed
+
+
 def test_without_a_key_redis_is_not_used_and_that_is_said_once(
     no_key_env: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
