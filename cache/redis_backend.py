@@ -2,9 +2,10 @@
 
 When Redis is down or slow, callers get `None` (as if the value were absent) and compute
 locally. A call that fails, or answers later than `timeout`, is a strike; `trip_after`
-strikes in a row open the breaker, and Redis is skipped for `retry_after` seconds, then
-tried again. redis-py's own retries are off, so one call costs at most about `timeout`.
-The URL comes from the caller or `GUARDRAIL_REDIS_URL`.
+strikes in a row open the breaker, and Redis is skipped for `retry_after` seconds. Then one
+call tries it: a success closes the breaker, a strike opens it again for twice as long (up
+to `max_retry_after`). redis-py's own retries are off, so one call costs at most about
+`timeout`. The URL comes from the caller or `GUARDRAIL_REDIS_URL`.
 """
 
 from __future__ import annotations
@@ -41,11 +42,13 @@ class SafeRedis:
         timeout: float = 0.5,
         retry_after: float = 5.0,
         trip_after: int = 1,
+        max_retry_after: float | None = None,
     ) -> None:
         self.url = url
         self.prefix = prefix
         self.timeout = timeout
         self.retry_after = retry_after
+        self.max_retry_after = max(retry_after, max_retry_after or retry_after)
         self.trip_after = max(1, trip_after)
         self.client = redis.Redis.from_url(
             url,
@@ -55,6 +58,8 @@ class SafeRedis:
         )
         self._down_until = 0.0
         self._strikes = 0
+        self._wait = retry_after  # how long the breaker stays open next time
+        self._tripped = False  # open, or past its wait with no success since
         self._warned = False
         self._lock = threading.Lock()
 
@@ -79,7 +84,7 @@ class SafeRedis:
             self._strike(f"slow: {took:.3f} s > {self.timeout} s")
             return result
         with self._lock:
-            self._strikes = 0
+            self._strikes, self._tripped, self._wait = 0, False, self.retry_after
             if self._warned:
                 self._warned = False
                 log.warning("redis at %s is back", self.url)
@@ -88,15 +93,17 @@ class SafeRedis:
     def _strike(self, why: str) -> None:
         with self._lock:
             self._strikes += 1
-            if self._strikes < self.trip_after:
+            if self._tripped:  # the one trial after a wait failed: wait longer
+                self._wait = min(2 * self._wait, self.max_retry_after)
+            elif self._strikes < self.trip_after:
                 return
-            self._strikes = 0
-            self._down_until = time.monotonic() + self.retry_after
+            self._strikes, self._tripped = 0, True
+            self._down_until = time.monotonic() + self._wait
             if not self._warned:  # once per outage, not once per request
                 log.warning(
                     "redis at %s unavailable, computing locally for %.0f s: %s",
                     self.url,
-                    self.retry_after,
+                    self._wait,
                     why,
                 )
                 self._warned = True

@@ -153,7 +153,8 @@ class RedisScores:
 
     Built for the model thread, which must never wait on Redis: a read waits at most
     `read_timeout` (a miss after that), and `trip_after` slow or failed reads in a row stop
-    reads for `retry_after` seconds. Writes go to a background thread through a queue of
+    reads for `retry_after` seconds, then for twice as long after each failed trial read,
+    up to `max_retry_after`. Writes go to a background thread through a queue of
     `queue_size` batches; when it is full a batch is dropped (counted in `dropped`), since a
     score not shared is only recomputed. An outage or a bad value is a miss, never an error.
     """
@@ -168,12 +169,18 @@ class RedisScores:
         timeout: float = 0.5,
         read_timeout: float = 0.05,
         retry_after: float = 5.0,
+        max_retry_after: float = 60.0,
         trip_after: int = 3,
         queue_size: int = 256,
     ) -> None:
         self.signer, self.ttl = signer, ttl
         self.reader = SafeRedis(
-            url, prefix=prefix, timeout=read_timeout, retry_after=retry_after, trip_after=trip_after
+            url,
+            prefix=prefix,
+            timeout=read_timeout,
+            retry_after=retry_after,
+            max_retry_after=max_retry_after,
+            trip_after=trip_after,
         )
         self.writer = SafeRedis(url, prefix=prefix, timeout=timeout, retry_after=retry_after)
         self.dropped = 0
