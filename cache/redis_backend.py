@@ -101,7 +101,7 @@ class SafeRedis:
             self._down_until = time.monotonic() + self._wait
             if not self._warned:  # once per outage, not once per request
                 log.warning(
-                    "redis at %s unavailable, computing locally for %.0f s: %s",
+                    "redis at %s unavailable, computing locally for %.3g s: %s",
                     self.url,
                     self._wait,
                     why,

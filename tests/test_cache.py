@@ -311,7 +311,8 @@ def test_outage_mid_run_loses_nothing(
             assert scores.get_many(["k"]) == [None]
             scores.put_many({"k": [1.0]})
         assert time.monotonic() - started < 3.0
-    assert caplog.text.count("unavailable") <= 2  # once per connection, not once per call
+    # Once per connection (the store's, the scores' reads and their writes), not once per call.
+    assert caplog.text.count("unavailable") <= 3
     assert set(store.pending) == {"during"}
 
     private_redis.start()  # empty again: it keeps nothing on disk
