@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import secrets
 import tempfile
 import time
 import uuid
@@ -36,7 +37,9 @@ from guardrail.cache import (
     MemoryScores,
     RedisScores,
     RedisStore,
+    Signer,
     TieredStore,
+    shared_key,
 )
 from guardrail.calibrate.store import load_or_calibrate
 from guardrail.runtime.model import EMBEDDED_DEFAULT, load_model
@@ -71,9 +74,10 @@ def main() -> None:
     args = parser.parse_args()
     redis.Redis.from_url(args.redis_url).ping()  # fail loudly: the bench is about Redis
     prefix = f"guardrail-bench-{uuid.uuid4().hex[:8]}"
+    signer = Signer(shared_key() or secrets.token_hex(32).encode())
 
     with tempfile.TemporaryDirectory() as tmp:
-        shared = RedisStore(args.redis_url, prefix=prefix)
+        shared = RedisStore(args.redis_url, signer=signer, prefix=prefix)
         cold_disk = DirectoryStore(Path(tmp) / "cold")
         cold, lm, calibration = start_worker(args.model, TieredStore([cold_disk, shared]))
         warm_disk = DirectoryStore(Path(tmp) / "warm")
@@ -98,7 +102,7 @@ def main() -> None:
         backends: dict[str, Any] = {
             "memory": MemoryScores(),
             "disk": DiskScores(Path(tmp) / "scores"),
-            "redis": RedisScores(args.redis_url, prefix=prefix),
+            "redis": RedisScores(args.redis_url, signer=signer, prefix=prefix),
         }
         rows: list[list[Any]] = []
         baseline = 0.0

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import secrets
 import shutil
 import socket
 import statistics
@@ -31,6 +33,7 @@ import openai
 from bench_server import serve
 from common import advbench_test, alpaca_test, setup, table
 from guardrail.budget.search import SearchSettings
+from guardrail.cache.signing import SHARED_KEY_ENV, SHARED_KEY_FILE_ENV
 from guardrail.serve.guard import Guard
 from guardrail.tenants.store import TenantPolicy
 
@@ -121,6 +124,8 @@ def main() -> None:
     redis = start_redis(port, folder)
     lm, calibration = setup()
     url_redis = f"redis://127.0.0.1:{port}/0"
+    if not (os.environ.get(SHARED_KEY_ENV) or os.environ.get(SHARED_KEY_FILE_ENV)):
+        os.environ[SHARED_KEY_ENV] = secrets.token_hex(32)  # without a key Redis is not used
     policy = TenantPolicy(timeout=DEADLINE, search=SearchSettings(width=8, rounds=4))
     guard = Guard(lm, calibration, redis_url=url_redis, policies={"default": policy}, max_batch=16)
     url, server = serve(guard)

@@ -1,7 +1,9 @@
 """Artifact and score caches, installed as `guardrail.cache`.
 
-Values are safetensors or JSON with a checksum, never pickle. Each cache has memory, disk
-and Redis backends behind one interface; Redis outages read as misses, never as errors.
+Values are safetensors or JSON with a checksum, never pickle; what is read back from Redis
+also carries an HMAC under the operator's shared key (`signing`). Each cache has memory,
+disk and Redis backends behind one interface; Redis outages, slow replies and values that
+fail their check read as misses, never as errors.
 """
 
 from guardrail.cache.artifacts import (
@@ -19,8 +21,10 @@ from guardrail.cache.scores import (
     MemoryScores,
     RedisScores,
     ScoreCache,
+    TieredScores,
     score_key,
 )
+from guardrail.cache.signing import Signer, shared_key, signer_for_redis
 
 __all__ = [
     "ArtifactStore",
@@ -34,6 +38,10 @@ __all__ = [
     "RedisScores",
     "RedisStore",
     "ScoreCache",
+    "Signer",
+    "TieredScores",
     "TieredStore",
     "score_key",
+    "shared_key",
+    "signer_for_redis",
 ]

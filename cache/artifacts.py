@@ -5,8 +5,9 @@ artifacts are never applied to a model or data set they were not computed for. T
 records a checksum of the tensor file; a value that fails it is treated as missing.
 
 Backends: `DirectoryStore` (local disk), `MemoryStore`, `RedisStore` (shared by many
-workers); `TieredStore` reads through them in order and writes to all, so a worker on a
-warm Redis starts without calibrating and a Redis outage never fails a request.
+workers, every value HMAC-signed with the operator's key, see `signing`); `TieredStore`
+reads through them in order and writes to all, so a worker on a warm Redis starts without
+calibrating and a Redis outage never fails a request.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from guardrail.cache.redis_backend import SafeRedis
+from guardrail.cache.signing import Signer
 
 log = logging.getLogger(__name__)
 
@@ -119,30 +121,43 @@ class MemoryStore:
 
 
 class RedisStore:
-    """Artifacts as a Redis hash {manifest, tensors} under `guardrail:artifacts:KEY`.
+    """Artifacts as a Redis hash {manifest, tensors, hmac} under `guardrail:artifacts:KEY`.
 
-    Never raises: an unreachable Redis reads as absent, and a save that could not reach it
-    stays pending and is written on the next call that finds Redis up.
+    The HMAC (under the operator's key, `signing`) covers the key, the manifest and the
+    tensors: a value written without the key, with another key, or changed since is ignored
+    (logged), and the caller calibrates or reads its local folder instead. Never raises: an
+    unreachable Redis reads as absent, and a save that could not reach it stays pending and
+    is written on the next call that finds Redis up.
     """
 
     def __init__(
         self,
         url: str,
         *,
+        signer: Signer,
         prefix: str = "guardrail",
         timeout: float = 0.5,
         retry_after: float = 5.0,
     ) -> None:
         self.redis = SafeRedis(url, prefix=prefix, timeout=timeout, retry_after=retry_after)
+        self.signer = signer
         self.pending: dict[str, tuple[bytes, bytes]] = {}
 
     def load(self, key: str) -> Artifacts | None:
         self._flush()
         name = self.redis.key("artifacts", key)
-        found = self.redis.call(lambda r: r.hmget(name, ["manifest", "tensors"]))
+        found = self.redis.call(lambda r: r.hmget(name, ["manifest", "tensors", "hmac"]))
         if not found or found[0] is None or found[1] is None:
             return None
-        return decode(found[0], found[1], f"redis:{name}")
+        manifest, blob, tag = found
+        if not self.signer.verify(tag, "artifacts", key, manifest, blob):
+            log.warning(
+                "ignoring artifacts in redis:%s: not signed with this deployment's shared key "
+                "(written without it, with another key, or changed since)",
+                name,
+            )
+            return None
+        return decode(manifest, blob, f"redis:{name}")
 
     def save(self, key: str, artifacts: Artifacts) -> None:
         self.pending[key] = encode(artifacts)
@@ -151,7 +166,8 @@ class RedisStore:
     def _flush(self) -> None:
         for key, (manifest, blob) in list(self.pending.items()):
             name = self.redis.key("artifacts", key)
-            mapping = {"manifest": manifest, "tensors": blob}
+            tag = self.signer.tag("artifacts", key, manifest, blob)
+            mapping = {"manifest": manifest, "tensors": blob, "hmac": tag}
             if self.redis.call(lambda r, n=name, m=mapping: r.hset(n, mapping=m)) is None:
                 return  # still down: keep it pending
             del self.pending[key]

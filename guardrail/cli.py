@@ -76,6 +76,13 @@ def _parser() -> argparse.ArgumentParser:
             "(default: $GUARDRAIL_REDIS_URL, or local files only)",
         )
         p.add_argument(
+            "--shared-key-file",
+            default=None,
+            metavar="FILE",
+            help="the operator's key that signs what is shared through Redis (default: "
+            "$GUARDRAIL_SHARED_KEY_FILE or $GUARDRAIL_SHARED_KEY; without one Redis is not used)",
+        )
+        p.add_argument(
             "--cost-model",
             default=None,
             metavar="latent|minilm|ID_OR_PATH[:INDEX]",
@@ -460,6 +467,13 @@ def _sampling(args: argparse.Namespace) -> Sampling:
 
 def run(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if getattr(args, "shared_key_file", None):
+        from guardrail.cache.signing import SHARED_KEY_FILE_ENV, read_key_file
+
+        read_key_file(args.shared_key_file)  # a clear error now, not in a replica later
+        # Through the environment, so that every part that opens Redis (and Ray's replicas)
+        # signs and checks with this key.
+        os.environ[SHARED_KEY_FILE_ENV] = str(Path(args.shared_key_file).resolve())
     if args.command == "batch":
         return _batch(args)
     elif args.command == "score":
@@ -675,6 +689,7 @@ def _ray_guard(args: argparse.Namespace, policies: Any) -> tuple[Any, str]:
         replicas=args.replicas,
         address=args.ray_address,
         redis_url=args.redis_url,
+        shared_key_file=args.shared_key_file,
         model=args.model or EMBEDDED_DEFAULT,
         worker_options={"max_batch": args.max_batch},
     )

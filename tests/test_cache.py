@@ -34,12 +34,15 @@ from guardrail.cache import (
     RedisScores,
     RedisStore,
     ScoreCache,
+    Signer,
+    TieredScores,
     TieredStore,
     score_key,
 )
 from guardrail.calibrate.store import artifact_key, load_or_calibrate
 
 SHARED_URL = "redis://127.0.0.1:6379/0"
+SIGNER = Signer(b"test-operator-key-0123456789abcdef")
 
 
 @pytest.fixture
@@ -142,8 +145,10 @@ def _stores(tmp_path: Path, prefix: str) -> dict[str, ArtifactStore]:
     return {
         "memory": MemoryStore(),
         "directory": DirectoryStore(tmp_path / "artifacts"),
-        "redis": RedisStore(SHARED_URL, prefix=prefix),
-        "tiered": TieredStore([MemoryStore(), RedisStore(SHARED_URL, prefix=prefix + "-t")]),
+        "redis": RedisStore(SHARED_URL, signer=SIGNER, prefix=prefix),
+        "tiered": TieredStore(
+            [MemoryStore(), RedisStore(SHARED_URL, signer=SIGNER, prefix=prefix + "-t")]
+        ),
     }
 
 
@@ -154,14 +159,14 @@ def test_every_artifact_kind_round_trips_on_every_backend(tmp_path: Path, prefix
         store.save("k", original)
         _assert_same(store.load("k"), original)
     raw = redis.Redis.from_url(SHARED_URL).hgetall(f"{prefix}:artifacts:k")
-    assert set(raw) == {b"manifest", b"tensors"}  # JSON and safetensors, no pickle
+    assert set(raw) == {b"manifest", b"tensors", b"hmac"}  # JSON and safetensors, no pickle
     assert raw[b"tensors"][8:9] == b"{"  # safetensors: u64 header length, then a JSON header
 
 
 def test_tampered_redis_artifacts_are_ignored(
     prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    store = RedisStore(SHARED_URL, prefix=prefix)
+    store = RedisStore(SHARED_URL, signer=SIGNER, prefix=prefix)
     store.save("k", _every_kind())
     client = redis.Redis.from_url(SHARED_URL)
     name = f"{prefix}:artifacts:k"
@@ -170,7 +175,7 @@ def test_tampered_redis_artifacts_are_ignored(
     client.hset(name, "tensors", bytes(blob))
     with caplog.at_level(logging.WARNING):
         assert store.load("k") is None
-    assert "checksum mismatch" in caplog.text
+    assert "not signed with this deployment's shared key" in caplog.text
     client.hset(name, "manifest", b"{not json")
     assert store.load("k") is None
     client.hdel(name, "tensors")
@@ -179,18 +184,39 @@ def test_tampered_redis_artifacts_are_ignored(
 
 def test_tiered_store_reads_through_and_fills_earlier_tiers(tmp_path: Path, prefix: str) -> None:
     original = _every_kind()
-    RedisStore(SHARED_URL, prefix=prefix).save("k", original)
+    RedisStore(SHARED_URL, signer=SIGNER, prefix=prefix).save("k", original)
     local = DirectoryStore(tmp_path / "local")
-    tiered = TieredStore([local, RedisStore(SHARED_URL, prefix=prefix)])
+    tiered = TieredStore([local, RedisStore(SHARED_URL, signer=SIGNER, prefix=prefix)])
     _assert_same(tiered.load("k"), original)
     _assert_same(local.load("k"), original)  # the next start needs no Redis
+
+
+def _shared_scores(prefix: str, **options: Any) -> RedisScores:
+    """Scores on the shared server, with a read budget generous enough for a busy CI box
+    (the default, 50 ms, is what the model thread waits at most)."""
+    return RedisScores(SHARED_URL, signer=SIGNER, prefix=prefix, read_timeout=1.0, **options)
+
+
+class Flushed:
+    """A score cache whose writes have landed before `put_many` returns (Redis writes go
+    through a background thread)."""
+
+    def __init__(self, inner: RedisScores) -> None:
+        self.inner = inner
+
+    def get_many(self, keys: Sequence[str]) -> list[list[float] | None]:
+        return self.inner.get_many(keys)
+
+    def put_many(self, items: dict[str, list[float]]) -> None:
+        self.inner.put_many(items)
+        assert self.inner.flush(timeout=5.0)
 
 
 def _score_caches(tmp_path: Path, prefix: str, ttl: float) -> dict[str, ScoreCache]:
     return {
         "memory": MemoryScores(ttl=ttl),
         "disk": DiskScores(tmp_path / "scores", ttl=ttl),
-        "redis": RedisScores(SHARED_URL, ttl=ttl, prefix=prefix),
+        "redis": Flushed(_shared_scores(prefix, ttl=ttl)),
     }
 
 
@@ -214,10 +240,31 @@ def test_tampered_scores_are_misses(tmp_path: Path, prefix: str) -> None:
     path = next((tmp_path / "scores").rglob("*.json"))
     path.write_text(path.read_text().replace("1.0", "9.0"))
     assert disk.get_many([key]) == [None]
-    remote = RedisScores(SHARED_URL, prefix=prefix)
+    remote = Flushed(_shared_scores(prefix))
     remote.put_many({key: [1.0]})
+    assert remote.get_many([key]) == [[1.0]]
     redis.Redis.from_url(SHARED_URL).set(f"{prefix}:scores:{key}", b"\x80\x04garbage")
     assert remote.get_many([key]) == [None]
+
+
+def test_memory_scores_are_bounded_least_recently_used_first() -> None:
+    cache = MemoryScores(max_items=3)
+    cache.put_many({"a": [1.0], "b": [2.0], "c": [3.0]})
+    assert cache.get_many(["a"]) == [[1.0]]  # "a" is now the most recently used
+    cache.put_many({"d": [4.0], "e": [5.0]})
+    assert len(cache) == 3
+    assert cache.get_many(["a", "b", "c", "d", "e"]) == [[1.0], None, None, [4.0], [5.0]]
+
+
+def test_tiered_scores_fill_memory_from_redis(prefix: str) -> None:
+    shared = Flushed(_shared_scores(prefix))
+    shared.put_many({"k": [0.5]})
+    memory = MemoryScores()
+    tiered = TieredScores([memory, shared])
+    assert tiered.get_many(["k", "missing"]) == [[0.5], None]
+    assert memory.get_many(["k"]) == [[0.5]]  # the next check needs no round trip
+    tiered.put_many({"new": [2.0]})
+    assert memory.get_many(["new"]) == [[2.0]] and shared.get_many(["new"]) == [[2.0]]
 
 
 def test_counting_scores_hit_rate() -> None:
@@ -236,7 +283,7 @@ def test_cached_scorer_computes_each_miss_once(prefix: str) -> None:
         calls.append(list(texts))
         return [[float(len(t))] for t in texts]
 
-    shared = RedisScores(SHARED_URL, prefix=prefix)
+    shared = Flushed(_shared_scores(prefix))
     scorer = CachedScorer(length, CountingScores(shared), name="len", fingerprint="v1")
     assert scorer(["ab", "c", "ab"]) == [[2.0], [1.0], [2.0]]
     assert scorer(["c", "xyz"]) == [[1.0], [3.0]]
@@ -250,8 +297,8 @@ def test_cached_scorer_computes_each_miss_once(prefix: str) -> None:
 def test_outage_mid_run_loses_nothing(
     private_redis: PrivateRedis, caplog: pytest.LogCaptureFixture
 ) -> None:
-    store = RedisStore(private_redis.url, retry_after=0.2)
-    scores = RedisScores(private_redis.url, retry_after=0.2)
+    store = RedisStore(private_redis.url, signer=SIGNER, retry_after=0.2)
+    scores = RedisScores(private_redis.url, signer=SIGNER, retry_after=0.2)
     first, second = _every_kind(), Artifacts({"x": torch.ones(3)}, {"n": 2})
     store.save("before", first)
     private_redis.stop()
@@ -264,7 +311,8 @@ def test_outage_mid_run_loses_nothing(
             assert scores.get_many(["k"]) == [None]
             scores.put_many({"k": [1.0]})
         assert time.monotonic() - started < 3.0
-    assert caplog.text.count("unavailable") <= 2  # once per connection, not once per call
+    # Once per connection (the store's, the scores' reads and their writes), not once per call.
+    assert caplog.text.count("unavailable") <= 3
     assert set(store.pending) == {"during"}
 
     private_redis.start()  # empty again: it keeps nothing on disk
@@ -275,7 +323,7 @@ def test_outage_mid_run_loses_nothing(
 
 
 def test_slow_redis_is_a_quick_miss(private_redis: PrivateRedis) -> None:
-    store = RedisStore(private_redis.url, timeout=0.3)
+    store = RedisStore(private_redis.url, signer=SIGNER, timeout=0.3)
     store.save("k", _every_kind())
     blocker = threading.Thread(
         target=lambda: redis.Redis.from_url(private_redis.url).execute_command("DEBUG", "SLEEP", 3)
@@ -290,11 +338,13 @@ def test_slow_redis_is_a_quick_miss(private_redis: PrivateRedis) -> None:
 
 def test_dead_port_never_fails_a_tiered_store(tmp_path: Path) -> None:
     dead = f"redis://127.0.0.1:{_free_port()}/0"
-    tiered = TieredStore([DirectoryStore(tmp_path), RedisStore(dead)])
+    tiered = TieredStore([DirectoryStore(tmp_path), RedisStore(dead, signer=SIGNER)])
     original = _every_kind()
     tiered.save("k", original)
     _assert_same(tiered.load("k"), original)
-    assert RedisScores(dead).get_many(["a"]) == [None]
+    scores = RedisScores(dead, signer=SIGNER)
+    scores.put_many({"a": [1.0]})
+    assert scores.get_many(["a"]) == [None] and scores.flush()
 
 
 def test_worker_on_a_warm_redis_starts_without_calibrating(
@@ -303,7 +353,7 @@ def test_worker_on_a_warm_redis_starts_without_calibrating(
     from test_calibrate_mechanics import _config
 
     config = _config(tmp_path, layer_fractions=(0.5,), strength_fractions=(0.25,))
-    shared = RedisStore(SHARED_URL, prefix=prefix)
+    shared = RedisStore(SHARED_URL, signer=SIGNER, prefix=prefix)
     first_worker = TieredStore([DirectoryStore(tmp_path / "a"), shared])
     calibrated = load_or_calibrate(tiny_llama, config, store=first_worker, progress=False)
 

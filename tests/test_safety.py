@@ -19,6 +19,7 @@ from conftest import alpaca_test, shared_file
 from guardrail.budget.artifact import SafetyModels
 from guardrail.budget.search import SearchSettings
 from guardrail.cache.artifacts import RedisStore
+from guardrail.cache.signing import Signer
 from guardrail.calibrate import datasets
 from guardrail.calibrate.safety import REFUSALS, public_unsafe_texts
 from guardrail.serve.guard import Guard
@@ -53,7 +54,8 @@ def test_safety_models_round_trip_through_redis(lm: Any, calibration: Any, score
     from guardrail.calibrate.store import default_store, load_or_calibrate_safety
 
     models = load_or_calibrate_safety(lm, calibration, store=default_store(), progress=False)
-    store = RedisStore(REDIS, prefix="guardrail-test-safety")
+    signer = Signer(b"test-safety-key-0123456789abcdef")
+    store = RedisStore(REDIS, signer=signer, prefix="guardrail-test-safety")
     store.save("k", models.to_artifacts())
     found = store.load("k")
     assert found is not None

@@ -16,7 +16,8 @@ from guardrail.budget.scoring import CachedCost, ClassifierCost, ProxyReward
 from guardrail.budget.search import Scorers
 from guardrail.cache.artifacts import ArtifactStore, DirectoryStore, RedisStore, TieredStore
 from guardrail.cache.redis_backend import redis_url_from_env
-from guardrail.cache.scores import MemoryScores, RedisScores
+from guardrail.cache.scores import MemoryScores, RedisScores, ScoreCache, TieredScores
+from guardrail.cache.signing import signer_for_redis
 from guardrail.calibrate import datasets, labelled
 from guardrail.calibrate.gate import CalibrationConfig, calibrate, config_contexts, config_templates
 from guardrail.calibrate.safety import SafetyConfig, calibrate_safety
@@ -51,12 +52,27 @@ def artifact_key(lm: LanguageModel, config: CalibrationConfig) -> str:
     return f"{lm.fingerprint}-{data}-v{SCHEMA_VERSION}"
 
 
-def default_store(redis_url: str | None = None) -> ArtifactStore:
+def default_store(redis_url: str | None = None, shared_key: bytes | None = None) -> ArtifactStore:
     """The local artifact folder, backed by Redis when `redis_url` or `GUARDRAIL_REDIS_URL`
-    names one: calibration writes to both, and a worker on a warm Redis reads from it."""
+    names one and the operator's shared key is set (`shared_key`, else the environment's,
+    see `guardrail.cache.signing`): calibration writes to both, and a worker on a warm Redis
+    reads from it. Without the key Redis is not used (warned once)."""
     local = DirectoryStore(cache_root() / "artifacts")
     url = redis_url or redis_url_from_env()
-    return TieredStore([local, RedisStore(url)]) if url else local
+    signer = signer_for_redis(url, shared_key)
+    if url is None or signer is None:
+        return local
+    return TieredStore([local, RedisStore(url, signer=signer)])
+
+
+def score_cache(redis_url: str | None = None, shared_key: bytes | None = None) -> ScoreCache:
+    """Memory (bounded), in front of Redis when a URL and the shared key are set, as for
+    `default_store`."""
+    url = redis_url or redis_url_from_env()
+    signer = signer_for_redis(url, shared_key)
+    if url is None or signer is None:
+        return MemoryScores()
+    return TieredScores([MemoryScores(), RedisScores(url, signer=signer)])
 
 
 def load_or_calibrate(
@@ -128,9 +144,11 @@ def load_scorers(
     redis_url: str | None = None,
     cost_model: str | None = None,
     progress: bool = False,
+    shared_key: bytes | None = None,
 ) -> Scorers:
-    """The cost model (its scores cached in Redis when a URL is set or in
-    `GUARDRAIL_REDIS_URL`, else in memory), the proxy reward and the critic for a worker.
+    """The cost model (its scores cached in memory, and shared through Redis when a URL is
+    set or in `GUARDRAIL_REDIS_URL` and the shared key is set: `score_cache`), the proxy
+    reward and the critic for a worker.
 
     `cost_model`: None for the calibrated default (the MiniLM probe), `latent` or `minilm`
     for either calibrated probe; else a transformers sequence-classification model id or
@@ -138,14 +156,15 @@ def load_scorers(
     the default's cost scale, so with another cost model the search ranks candidates by
     reward and cost instead."""
     url = redis_url or redis_url_from_env()
-    cache = RedisScores(url) if url else MemoryScores()
+    cache = score_cache(url, shared_key)
     if cost_model is not None and cost_model not in CALIBRATED_COSTS:
         source, _, index = cost_model.rpartition(":")
         if not index.lstrip("-").isdigit():  # no `:INDEX` (or a path with a colon)
             source, index = cost_model, "0"
         cost = ClassifierCost(source, int(index), 1.0, 0.0)
         return Scorers(CachedCost(cost, cache), ProxyReward(Embedder(), lm), critic=None)
-    models = load_or_calibrate_safety(lm, calibration, store=default_store(url), progress=progress)
+    store = default_store(url, shared_key)
+    models = load_or_calibrate_safety(lm, calibration, store=store, progress=progress)
     return models.scorers(lm, cache=cache, cost=cost_model)
 
 
@@ -156,4 +175,5 @@ __all__ = [
     "load_or_calibrate_safety",
     "load_scorers",
     "safety_key",
+    "score_cache",
 ]

@@ -37,6 +37,7 @@ import time
 import typing
 from collections.abc import AsyncIterator
 from concurrent.futures import CancelledError, Future
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -54,7 +55,15 @@ from guardrail.runtime.model import EMBEDDED_DEFAULT
 from guardrail.serve.worker import LocalWorker, Request, Sink, Ticket
 
 # Passed on to the replicas, so that they read the same artifacts and never reach a hub.
-_ENV_VARS = ("GUARDRAIL_HOME", "GUARDRAIL_REDIS_URL", "TRANSFORMERS_VERBOSITY")
+# The shared key travels by file path where possible: an env var's value is visible to
+# whoever can read the cluster's job specifications.
+_ENV_VARS = (
+    "GUARDRAIL_HOME",
+    "GUARDRAIL_REDIS_URL",
+    "GUARDRAIL_SHARED_KEY_FILE",
+    "GUARDRAIL_SHARED_KEY",
+    "TRANSFORMERS_VERBOSITY",
+)
 
 
 def to_dict(value: Any) -> dict[str, Any]:
@@ -180,6 +189,7 @@ class RayWorker:
         model: str = EMBEDDED_DEFAULT,
         worker_options: dict[str, Any] | None = None,
         name: str = "guardrail",
+        shared_key_file: str | None = None,
     ) -> None:
         """Start a local Ray instance, or connect to `address`, and deploy the app `name`.
 
@@ -187,20 +197,25 @@ class RayWorker:
         `max_batch` requests at once, and up to `max_queue` more wait in Serve's router, where
         any replica can take them (beyond that: `OverloadedError`). `calibration` is loaded
         here first (calibrating if the store has none, so that the replicas find it), for the
-        Guard's tenant settings.
+        Guard's tenant settings. `shared_key_file` (default: `GUARDRAIL_SHARED_KEY_FILE` or
+        `GUARDRAIL_SHARED_KEY`) signs what goes through Redis, here and in every replica (the
+        path must exist on every node).
         """
+        from guardrail.cache.signing import SHARED_KEY_FILE_ENV, read_key_file
         from guardrail.calibrate.store import default_store, load_or_calibrate
         from guardrail.runtime.model import load_model
 
         self.name = name
         lm = load_model(model)
         self.model_name = lm.name
+        key = read_key_file(shared_key_file) if shared_key_file else None
         self.calibration: Calibration = load_or_calibrate(
-            lm, store=default_store(redis_url), progress=False
+            lm, store=default_store(redis_url, key), progress=False
         )
         # The cost model here checks each tenant's refusal text; calibrating it (once) here
         # also means the replicas find it in the store.
-        self.scorers = Scorers(load_scorers(lm, self.calibration, redis_url=redis_url).cost)
+        scorers = load_scorers(lm, self.calibration, redis_url=redis_url, shared_key=key)
+        self.scorers = Scorers(scorers.cost)
         del lm  # the replicas run the model; this process keeps calibration and cost model
         options = {
             **{k: p.default for k, p in inspect.signature(LocalWorker).parameters.items()},
@@ -218,6 +233,8 @@ class RayWorker:
         env["HF_HUB_OFFLINE"] = "1"
         if redis_url:
             env["GUARDRAIL_REDIS_URL"] = redis_url
+        if shared_key_file:
+            env[SHARED_KEY_FILE_ENV] = str(Path(shared_key_file).resolve())
         serve.start(proxy_location="Disabled", logging_config={"log_level": "WARNING"})
         deployment = serve.deployment(
             name="GuardReplica",
