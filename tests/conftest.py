@@ -14,6 +14,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -143,3 +145,17 @@ def _tiny(kind: str) -> Any:
 @pytest.fixture(scope="session", params=["llama", "gpt2"])
 def tiny_lm(request: pytest.FixtureRequest) -> Any:
     return _tiny(request.param)
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    """A key prefix of its own on the real Redis, its keys deleted afterwards."""
+    import redis
+
+    client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+    client.ping()
+    name = f"guardrail-test-{uuid.uuid4().hex[:12]}"
+    yield name
+    keys = list(client.scan_iter(f"{name}:*"))
+    if keys:
+        client.delete(*keys)

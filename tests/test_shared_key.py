@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,17 +38,6 @@ INTRUDER = Signer(b"someone-elses-key-0000000000000000")
 
 
 @pytest.fixture
-def prefix() -> Iterator[str]:
-    client = redis.Redis.from_url(SHARED_URL)
-    client.ping()
-    name = f"guardrail-test-{uuid.uuid4().hex[:12]}"
-    yield name
-    keys = list(client.scan_iter(f"{name}:*"))
-    if keys:
-        client.delete(*keys)
-
-
-@pytest.fixture
 def no_key_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(signing.SHARED_KEY_ENV, raising=False)
     monkeypatch.delenv(signing.SHARED_KEY_FILE_ENV, raising=False)
@@ -61,27 +48,31 @@ def _artifacts(value: float) -> Artifacts:
     return Artifacts({"gate.weight": torch.full((8,), value)}, {"gate": {"threshold": value}})
 
 
-def _scores(prefix: str) -> RedisScores:
-    return RedisScores(SHARED_URL, signer=OPERATOR, prefix=prefix, read_timeout=1.0)
+def _scores(redis_prefix: str) -> RedisScores:
+    return RedisScores(SHARED_URL, signer=OPERATOR, prefix=redis_prefix, read_timeout=1.0)
 
 
 def test_artifacts_without_the_operators_key_are_ignored(
-    prefix: str, caplog: pytest.LogCaptureFixture
+    redis_prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    store = RedisStore(SHARED_URL, signer=OPERATOR, prefix=prefix)
+    store = RedisStore(SHARED_URL, signer=OPERATOR, prefix=redis_prefix)
     client = redis.Redis.from_url(SHARED_URL)
     # Written the old way (a checksum, no HMAC), as anyone who can reach Redis could.
     manifest, blob = encode(_artifacts(9.0))
-    client.hset(f"{prefix}:artifacts:planted", mapping={"manifest": manifest, "tensors": blob})
+    client.hset(
+        f"{redis_prefix}:artifacts:planted", mapping={"manifest": manifest, "tensors": blob}
+    )
     # Written by a worker holding another key.
-    RedisStore(SHARED_URL, signer=INTRUDER, prefix=prefix).save("other", _artifacts(9.0))
+    RedisStore(SHARED_URL, signer=INTRUDER, prefix=redis_prefix).save("other", _artifacts(9.0))
     # Signed by the operator, then one tensor changed (the checksum recomputed to match).
     store.save("changed", _artifacts(1.0))
     manifest, blob = encode(_artifacts(9.0))
-    client.hset(f"{prefix}:artifacts:changed", mapping={"manifest": manifest, "tensors": blob})
+    client.hset(
+        f"{redis_prefix}:artifacts:changed", mapping={"manifest": manifest, "tensors": blob}
+    )
     # Signed by the operator for one key, copied under another.
     store.save("source", _artifacts(1.0))
-    client.copy(f"{prefix}:artifacts:source", f"{prefix}:artifacts:copied")
+    client.copy(f"{redis_prefix}:artifacts:source", f"{redis_prefix}:artifacts:copied")
 
     with caplog.at_level(logging.WARNING, logger="guardrail.cache.artifacts"):
         for key in ("planted", "other", "changed", "copied"):
@@ -94,9 +85,9 @@ def test_artifacts_without_the_operators_key_are_ignored(
 
 
 def test_scores_without_the_operators_key_are_ignored(
-    prefix: str, caplog: pytest.LogCaptureFixture
+    redis_prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    scores = _scores(prefix)
+    scores = _scores(redis_prefix)
     client = redis.Redis.from_url(SHARED_URL)
     signed, unsigned, foreign, tampered, copied = (
         score_key("cost", "fp", name) for name in ("signed", "unsigned", "foreign", "t", "c")
@@ -105,12 +96,12 @@ def test_scores_without_the_operators_key_are_ignored(
     assert scores.flush()
     body = json.dumps([0.0])
     plain = {"v": body, "sha256": "0" * 64}  # the old format: a checksum anyone can compute
-    client.set(f"{prefix}:scores:{unsigned}", json.dumps(plain))
+    client.set(f"{redis_prefix}:scores:{unsigned}", json.dumps(plain))
     other = {"v": body, "hmac": INTRUDER.tag("scores", foreign, body.encode())}
-    client.set(f"{prefix}:scores:{foreign}", json.dumps(other))
-    item = json.loads(client.get(f"{prefix}:scores:{tampered}") or b"{}")
-    client.set(f"{prefix}:scores:{tampered}", json.dumps({**item, "v": body}))  # zeroed
-    client.copy(f"{prefix}:scores:{signed}", f"{prefix}:scores:{copied}")
+    client.set(f"{redis_prefix}:scores:{foreign}", json.dumps(other))
+    item = json.loads(client.get(f"{redis_prefix}:scores:{tampered}") or b"{}")
+    client.set(f"{redis_prefix}:scores:{tampered}", json.dumps({**item, "v": body}))  # zeroed
+    client.copy(f"{redis_prefix}:scores:{signed}", f"{redis_prefix}:scores:{copied}")
 
     with caplog.at_level(logging.WARNING, logger="guardrail.cache.scores"):
         found = scores.get_many([signed, unsigned, foreign, tampered, copied])
@@ -118,7 +109,7 @@ def test_scores_without_the_operators_key_are_ignored(
     assert caplog.text.count("ignoring cached score") == 4
 
 
-def test_a_cost_model_recomputes_a_planted_zero(prefix: str) -> None:
+def test_a_cost_model_recomputes_a_planted_zero(redis_prefix: str) -> None:
     """A zeroed cost in Redis must not let a harmful answer through: it is recomputed."""
     from guardrail.budget.scoring import CachedCost
 
@@ -133,17 +124,17 @@ def test_a_cost_model_recomputes_a_planted_zero(prefix: str) -> None:
             return [float(len(r)) for r in responses]
 
     model = Length()
-    cost = CachedCost(model, _scores(prefix))
+    cost = CachedCost(model, _scores(redis_prefix))
     key = score_key("length", "v1", "\x00harmful answer")
     body = json.dumps([0.0])
     planted = {"v": body, "hmac": INTRUDER.tag("scores", key, body.encode())}
-    redis.Redis.from_url(SHARED_URL).set(f"{prefix}:scores:{key}", json.dumps(planted))
+    redis.Redis.from_url(SHARED_URL).set(f"{redis_prefix}:scores:{key}", json.dumps(planted))
     assert cost.cost(["p"], ["harmful answer"]) == [14.0]
     assert model.calls == ["harmful answer"]
 
 
 def test_a_worker_ignores_a_calibration_written_without_the_key(
-    tiny_llama: Any, tmp_path: Path, prefix: str, monkeypatch: pytest.MonkeyPatch
+    tiny_llama: Any, tmp_path: Path, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from test_calibrate_mechanics import _config
 
@@ -156,7 +147,7 @@ def test_a_worker_ignores_a_calibration_written_without_the_key(
     forged.tensors["gate.weight"] = torch.zeros_like(forged.tensors["gate.weight"])
     manifest, blob = encode(forged)  # a gate that never fires, with a valid checksum
     redis.Redis.from_url(SHARED_URL).hset(
-        f"{prefix}:artifacts:{key}", mapping={"manifest": manifest, "tensors": blob}
+        f"{redis_prefix}:artifacts:{key}", mapping={"manifest": manifest, "tensors": blob}
     )
     calibrated: list[bool] = []
 
@@ -165,7 +156,7 @@ def test_a_worker_ignores_a_calibration_written_without_the_key(
         return real_calibrate(*args, **kwargs)
 
     monkeypatch.setattr("guardrail.calibrate.store.calibrate", counting)
-    shared = RedisStore(SHARED_URL, signer=OPERATOR, prefix=prefix)
+    shared = RedisStore(SHARED_URL, signer=OPERATOR, prefix=redis_prefix)
     worker_store = TieredStore([DirectoryStore(tmp_path / "worker"), shared])
     loaded = load_or_calibrate(tiny_llama, config, store=worker_store, progress=False)
     assert calibrated == [True]  # the forged gate was not used: calibrated instead

@@ -14,12 +14,10 @@ import contextlib
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
-import redis
 
 from guardrail.cache import (
     CachedScorer,
@@ -88,18 +86,7 @@ class DelayProxy:
 
 
 @pytest.fixture
-def prefix() -> Iterator[str]:
-    client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
-    client.ping()
-    name = f"guardrail-test-{uuid.uuid4().hex[:12]}"
-    yield name
-    keys = list(client.scan_iter(f"{name}:*"))
-    if keys:
-        client.delete(*keys)
-
-
-@pytest.fixture
-def proxy(prefix: str) -> Iterator[DelayProxy]:
+def proxy(redis_prefix: str) -> Iterator[DelayProxy]:
     server = DelayProxy()
     yield server
     server.close()
@@ -109,8 +96,10 @@ def _length(texts: Sequence[str]) -> list[list[float]]:
     return [[float(len(t))] for t in texts]
 
 
-def test_scoring_through_a_slow_redis_does_not_wait_on_it(proxy: DelayProxy, prefix: str) -> None:
-    remote = RedisScores(proxy.url, signer=SIGNER, prefix=prefix)  # the worker's defaults
+def test_scoring_through_a_slow_redis_does_not_wait_on_it(
+    proxy: DelayProxy, redis_prefix: str
+) -> None:
+    remote = RedisScores(proxy.url, signer=SIGNER, prefix=redis_prefix)  # the worker's defaults
     scorer = CachedScorer(
         _length, TieredScores([MemoryScores(), remote]), name="len", fingerprint="v1"
     )
@@ -125,10 +114,10 @@ def test_scoring_through_a_slow_redis_does_not_wait_on_it(proxy: DelayProxy, pre
     assert elapsed < 1.5, f"{elapsed:.2f} s"
 
 
-def test_reads_resume_after_the_breaker_and_signed_values_are_used(prefix: str) -> None:
+def test_reads_resume_after_the_breaker_and_signed_values_are_used(redis_prefix: str) -> None:
     proxy = DelayProxy()
     try:
-        remote = RedisScores(proxy.url, signer=SIGNER, prefix=prefix, retry_after=0.5)
+        remote = RedisScores(proxy.url, signer=SIGNER, prefix=redis_prefix, retry_after=0.5)
         remote.put_many({"k": [2.5]})
         assert remote.flush(timeout=5)  # the writer waits up to 0.5 s: 200 ms is enough
 
@@ -155,10 +144,10 @@ def test_reads_resume_after_the_breaker_and_signed_values_are_used(prefix: str) 
         proxy.close()
 
 
-def test_a_full_write_queue_drops_instead_of_blocking(prefix: str) -> None:
+def test_a_full_write_queue_drops_instead_of_blocking(redis_prefix: str) -> None:
     proxy = DelayProxy(delay=0.3)
     try:
-        remote = RedisScores(proxy.url, signer=SIGNER, prefix=prefix, queue_size=2)
+        remote = RedisScores(proxy.url, signer=SIGNER, prefix=redis_prefix, queue_size=2)
         started = time.monotonic()
         for i in range(20):
             remote.put_many({f"k{i}": [float(i)]})

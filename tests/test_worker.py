@@ -538,28 +538,6 @@ def test_response_prefix_keeps_the_gate_on_the_prompt(llama: Any, llama_cal: Cal
         assert prefixed.decision.prompt_tokens > plain.decision.prompt_tokens
 
 
-def test_sync_twins_work_inside_a_running_event_loop(llama: Any, llama_cal: Calibration) -> None:
-    """A notebook cell or a sync callback in an async service: a loop is already running."""
-    limited = TenantPolicy(requests_per_second=50, burst=2)  # its admission is a coroutine
-    guard = Guard(
-        worker=LocalWorker(llama, llama_cal), policies={"default": TenantPolicy(), "rl": limited}
-    )
-    try:
-        expected = guard.generate_sync(PROMPTS[1], max_new_tokens=6).text
-
-        async def in_loop() -> list[str]:
-            return [
-                guard.generate_sync(PROMPTS[1], max_new_tokens=6).text,
-                guard.generate_sync(PROMPTS[1], tenant="rl", max_new_tokens=6).text,
-                "".join(guard.stream_sync(PROMPTS[1], tenant="rl", max_new_tokens=6)).strip(),
-                (await guard.generate(PROMPTS[1], max_new_tokens=6)).text,  # the loop still works
-            ]
-
-        assert asyncio.run(in_loop()) == [expected] * 4
-    finally:
-        guard.close()
-
-
 class FailsAt(LocalWorker):
     """A real worker on a real (tiny) model whose decode step fails once a row has
     `fail_at` tokens: an internal error mid-answer, after some chunks were released."""
