@@ -5,8 +5,9 @@ Every variant goes through `Guard` and one shared `LocalWorker` per cost model, 
 request does: gate at prefill, stream cost checks every 16 tokens, search when a chunk would
 go over budget. Variants: unguarded (no gate, no cost checks), guarded with the latent cost
 model (checks read states the decode step computed), guarded with the MiniLM probe (checks
-embed the answer so far). Benign prompts should cost what unguarded ones do (target ratio
-<= 1.05); harmful prompts show the cost of the path they take.
+embed the answer so far). Benign prompts (Alpaca test prompts the gate leaves alone) should
+cost what unguarded ones do (target ratio <= 1.02); harmful prompts show the cost of the path
+they take: refused at the gate under the shipped `auto`, or steered under `on_fire: steer`.
 
     python bench/bench_overhead.py [--batch 16] [--tokens 64] [--repeats 5]
 """
@@ -21,14 +22,17 @@ from typing import Any
 
 from common import advbench_test, alpaca_test, setup, table
 from guardrail.calibrate.store import load_scorers
+from guardrail.gate.vectors import gate_scores
 from guardrail.serve.guard import Guard
 from guardrail.serve.worker import LocalWorker
 from guardrail.tenants.store import TenantPolicy
 
 
-async def answer_all(guard: Guard, prompts: list[str], guarded: bool, tokens: int) -> list[Any]:
+async def answer_all(
+    guard: Guard, prompts: list[str], guarded: bool, tenant: str, tokens: int
+) -> list[Any]:
     return await asyncio.gather(
-        *(guard.generate(p, guarded=guarded, max_new_tokens=tokens) for p in prompts)
+        *(guard.generate(p, tenant, guarded=guarded, max_new_tokens=tokens) for p in prompts)
     )
 
 
@@ -39,7 +43,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     lm, calibration = setup()
-    policy = {"default": TenantPolicy(allow_unguarded=True)}
+    policy = {
+        "default": TenantPolicy(allow_unguarded=True),
+        "steer": TenantPolicy(allow_unguarded=True, on_fire="steer"),
+    }
     guards = {
         name: Guard(
             worker=LocalWorker(
@@ -53,27 +60,34 @@ def main() -> None:
         for name in ("latent", "minilm")
     }
     variants = {
-        "unguarded": (guards["latent"], False),
-        "guarded, latent cost": (guards["latent"], True),
-        "guarded, minilm cost": (guards["minilm"], True),
+        "unguarded": (guards["latent"], False, "default"),
+        "guarded, latent cost": (guards["latent"], True, "default"),
+        "guarded, minilm cost": (guards["minilm"], True, "default"),
+        "steered, latent cost": (guards["latent"], True, "steer"),
+        "steered, minilm cost": (guards["minilm"], True, "steer"),
     }
-    # Long-enough benign answers: the Alpaca test prompts the gate leaves alone.
-    sets = {"benign": alpaca_test(args.batch, seed=3), "harmful": advbench_test()[: args.batch]}
+    # Plain-path overhead: Alpaca test prompts the gate leaves alone (its false positives are
+    # eval_safety.py's figure), read as the worker reads them.
+    pool = alpaca_test(4 * args.batch, seed=3)
+    unfired = gate_scores(lm, calibration.gate, pool) <= calibration.gate.threshold
+    benign = [p for p, keep in zip(pool, unfired.tolist(), strict=True) if keep][: args.batch]
+    sets = {"benign": benign, "harmful": advbench_test()[: args.batch]}
     rows = []
     for set_name, prompts in sets.items():
-        times: dict[str, list[float]] = {name: [] for name in variants}
+        chosen = {n: v for n, v in variants.items() if set_name == "harmful" or v[2] != "steer"}
+        times: dict[str, list[float]] = {name: [] for name in chosen}
         paths: dict[str, dict[str, int]] = {}
         for _ in range(args.repeats):  # interleave variants so drift hits all alike
-            for name, (guard, guarded) in variants.items():
+            for name, (guard, guarded, tenant) in chosen.items():
                 started = time.perf_counter()
-                answers = asyncio.run(answer_all(guard, prompts, guarded, args.tokens))
+                answers = asyncio.run(answer_all(guard, prompts, guarded, tenant, args.tokens))
                 times[name].append(time.perf_counter() - started)
                 counts: dict[str, int] = {}
                 for answer in answers:
                     counts[answer.decision.path] = counts.get(answer.decision.path, 0) + 1
                 paths[name] = counts
         base = statistics.median(times["unguarded"])
-        for name in variants:
+        for name in chosen:
             median = statistics.median(times[name])
             shown = " ".join(f"{p}={n}" for p, n in sorted(paths[name].items()))
             rows.append([set_name, name, shown, median, median / base])
