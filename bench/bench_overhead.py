@@ -77,8 +77,11 @@ def main() -> None:
         chosen = {n: v for n, v in variants.items() if set_name == "harmful" or v[2] != "steer"}
         times: dict[str, list[float]] = {name: [] for name in chosen}
         paths: dict[str, dict[str, int]] = {}
-        for _ in range(args.repeats):  # interleave variants so drift hits all alike
-            for name, (guard, guarded, tenant) in chosen.items():
+        order = list(chosen.items())
+        for repeat in range(args.repeats):  # interleave and rotate: drift hits all alike
+            for name, (guard, guarded, tenant) in (
+                order[repeat % len(order) :] + order[: repeat % len(order)]
+            ):
                 started = time.perf_counter()
                 answers = asyncio.run(answer_all(guard, prompts, guarded, tenant, args.tokens))
                 times[name].append(time.perf_counter() - started)
