@@ -196,20 +196,6 @@ def concat_rows(first: Prefilled, second: Prefilled) -> Prefilled:
     return Prefilled(first.cache, mask, logits)
 
 
-@torch.inference_mode()
-def decode_step(lm: LanguageModel, state: Prefilled, tokens: torch.Tensor) -> Prefilled:
-    """Feed one token per row; hooks registered by the caller (steering) see this pass."""
-    mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(len(tokens), 1)], -1)
-    out = lm.model(
-        input_ids=tokens[:, None].to(lm.device),
-        attention_mask=mask,
-        position_ids=mask.sum(-1, keepdim=True) - 1,
-        cache=state.cache,
-        use_cache=True,
-    )
-    return Prefilled(out.cache, mask, out.logits[:, -1, :].float())
-
-
 def pick_rows(
     logits: torch.Tensor,
     samplings: Sequence[Sampling],
