@@ -27,11 +27,13 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def _session_home() -> Path:
-    """A fresh GUARDRAIL_HOME per test session (subprocesses inherit it): calibration always
-    runs, while the converted model is shared with the user's cache so it converts once.
+    """A fresh GUARDRAIL_HOME per test session (subprocesses inherit it), as on a user's new
+    machine: the shipped calibration is what loads (`tests/test_shipped.py` calibrates from
+    scratch and checks it reproduces the shipped one), while the converted model is shared
+    with the user's cache so it converts once.
 
     `GUARDRAIL_TEST_HOME=DIR` reuses DIR instead (its calibration too): a shortcut for local
-    iteration only; CI never sets it, so CI always calibrates from scratch."""
+    iteration only; CI never sets it."""
     from guardrail.runtime.paths import cache_root
 
     reuse = os.environ.get("GUARDRAIL_TEST_HOME")
@@ -86,8 +88,8 @@ def lm() -> Any:
 
 @pytest.fixture(scope="session")
 def calibration(lm: Any) -> Any:
-    """One full calibration of the embedded default with the shipped data, into the session's
-    fresh default store (where the CLI finds it too)."""
+    """The embedded default's calibration from the session's default store: the shipped one
+    on a fresh home (where the CLI finds it too)."""
     from guardrail.calibrate.store import load_or_calibrate
 
     return load_or_calibrate(lm, progress=False)
@@ -95,8 +97,8 @@ def calibration(lm: Any) -> Any:
 
 @pytest.fixture(scope="session")
 def scorers(lm: Any, calibration: Any) -> Any:
-    """The calibrated cost probe, proxy reward and critic (calibrated once per session, into
-    the same store, so every Guard of the session loads them)."""
+    """The calibrated cost probe, proxy reward and critic, from the same store (every Guard of
+    the session loads them)."""
     from guardrail.calibrate.store import load_scorers
 
     return load_scorers(lm, calibration)

@@ -21,6 +21,7 @@ from guardrail.cache.signing import signer_for_redis
 from guardrail.calibrate import datasets, labelled
 from guardrail.calibrate.gate import CalibrationConfig, calibrate, config_contexts, config_templates
 from guardrail.calibrate.safety import SafetyConfig, calibrate_safety
+from guardrail.calibrate.shipped import ShippedStore
 from guardrail.errors import CalibrationError
 from guardrail.gate.artifact import SCHEMA_VERSION, Calibration
 from guardrail.runtime.embedder import Embedder
@@ -52,17 +53,18 @@ def artifact_key(lm: LanguageModel, config: CalibrationConfig) -> str:
     return f"{lm.fingerprint}-{data}-v{SCHEMA_VERSION}"
 
 
-def default_store(redis_url: str | None = None, shared_key: bytes | None = None) -> ArtifactStore:
-    """The local artifact folder, backed by Redis when `redis_url` or `GUARDRAIL_REDIS_URL`
-    names one and the operator's shared key is set (`shared_key`, else the environment's,
-    see `guardrail.cache.signing`): calibration writes to both, and a worker on a warm Redis
+def default_store(redis_url: str | None = None, shared_key: bytes | None = None) -> TieredStore:
+    """The local artifact folder, then Redis when `redis_url` or `GUARDRAIL_REDIS_URL` names
+    one and the operator's shared key is set (`shared_key`, else the environment's, see
+    `guardrail.cache.signing`), then the calibration shipped for the embedded default
+    (`shipped`, read-only). Calibration writes to the first two, and a worker on a warm Redis
     reads from it. Without the key Redis is not used (warned once)."""
-    local = DirectoryStore(cache_root() / "artifacts")
+    stores: list[ArtifactStore] = [DirectoryStore(cache_root() / "artifacts")]
     url = redis_url or redis_url_from_env()
     signer = signer_for_redis(url, shared_key)
-    if url is None or signer is None:
-        return local
-    return TieredStore([local, RedisStore(url, signer=signer)])
+    if url is not None and signer is not None:
+        stores.append(RedisStore(url, signer=signer))
+    return TieredStore([*stores, ShippedStore()])
 
 
 def score_cache(redis_url: str | None = None, shared_key: bytes | None = None) -> ScoreCache:

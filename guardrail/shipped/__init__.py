@@ -1,0 +1,1 @@
+"""Calibration artifacts shipped for the embedded default (see `guardrail.calibrate.shipped`)."""
