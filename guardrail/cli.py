@@ -46,8 +46,8 @@ EVAL_FORMAT = """\
 SET: a .csv, .jsonl or .json (array) file of prompts, in its own format (AdvBench goal,
 HarmBench Behavior, JailbreakBench Goal, XSTest prompt, Alpaca instruction + input, or a
 prompt/goal/behavior/instruction/question/query/request/text field). Labels: a row's `label`
-(harmful/unsafe, benign/safe), XSTest's type, FILE:harmful|benign, --label, or the format
-(AdvBench and HarmBench are harmful).
+(harmful/unsafe, benign/safe), else XSTest's type, else FILE:harmful|benign, else the format
+(AdvBench and HarmBench are harmful), else --label.
 DIR: rows.jsonl (every answer, judged), summary.json (per set: n, label, asr or over_refusal,
 changed, fired, paths, over_budget_share, mean_cost, latency_ms, baseline), report.md and
 gate_scores.png, gate_roc.png, paths_latency.png. Each answer is also appended to

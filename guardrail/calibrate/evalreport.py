@@ -421,16 +421,9 @@ def plot_paths_latency(rows: Sequence[Row], path: Path) -> None:
         sizes.append(len(values))
     positions = list(range(len(names)))
     right.bar(positions, medians, color=colours, yerr=[[0] * len(spans), spans], capsize=4)
-    for x, median, n in zip(positions, medians, sizes, strict=True):
-        right.annotate(
-            f"n={n}",
-            (x, median),
-            textcoords="offset points",
-            xytext=(0, 3),
-            ha="center",
-            fontsize=8,
-        )
-    right.set_xticks(positions, names)
+    right.set_xticks(
+        positions, [f"{name}\n({n} rows)" for name, n in zip(names, sizes, strict=True)]
+    )
     if medians and max(medians) > 20 * max(min(medians), 1e-9):
         right.set_yscale("log")
     right.set_ylabel("latency, ms (bar: median; whisker: p90)")

@@ -5,10 +5,12 @@ format names (AdvBench `goal`, HarmBench `Behavior` after its `ContextString`, J
 `Goal`, XSTest `prompt`, Alpaca `instruction` plus `input`, else the first of `prompt`, `goal`,
 `behavior`, `instruction`, `question`, `query`, `request`, `text`; field names match in any
 case). A row's label comes from its `label` field (harmful/unsafe or benign/safe/harmless),
-else for XSTest from its `type` (`contrast_*` prompts are the unsafe ones), else from the set's
-label (`FILE:harmful`, `--label`), else from its format where that is known (AdvBench and
-HarmBench hold only harmful behaviours). `take` keeps the prompts in one hash split
-(`datasets.split_of`, so `test` is never seen by calibration) and the first `limit` of them.
+else for XSTest from its `type` (`contrast_*` prompts are the unsafe ones), else from the
+set's own label (`FILE:harmful`), else from its format where that is known (AdvBench and
+HarmBench hold only harmful behaviours), else from the run's `--label` (so one `--label`
+can name the label of the unlabelled sets beside an AdvBench set). `take` keeps the prompts
+in one hash split (`datasets.split_of`, so `test` is never seen by calibration) and the first
+`limit` of them.
 """
 
 from __future__ import annotations
@@ -41,13 +43,16 @@ PROMPT_FIELDS = (
     "request",
     "text",
 )
+# A row's id, where the file has one (HarmBench's BehaviorID, XSTest's id_v2, JailbreakBench's
+# Index); else its number in the file.
+ID_FIELDS = ("id", "behaviorid", "id_v2", "id_v1", "index")
 # Formats whose every prompt is harmful, so a set in them needs no label.
 HARMFUL_FORMATS = ("advbench", "harmbench")
 
 
 @dataclass
 class EvalRow:
-    id: Any  # the file's `id`, else the row's number in the file (1-based)
+    id: Any  # the file's id (`ID_FIELDS`), else the row's number in the file (1-based)
     prompt: str | list[dict[str, str]]
     label: str  # "harmful" | "benign"
     where: str  # "FILE:LINE" (or "FILE: item N" in a JSON array), for errors
@@ -113,8 +118,9 @@ def read_sets(
             n += 1
             name = f"{path.stem}_{n}"
         taken.add(name)
-        default = own_label or (label_word(label) if label else None)
-        loaded = load_set(path, name=name, label=default)
+        loaded = load_set(
+            path, name=name, label=own_label, fallback=label_word(label) if label else None
+        )
         loaded.rows = take(loaded, split=split, limit=limit)
         sets.append(loaded)
     return sets
@@ -128,15 +134,18 @@ def take(loaded: EvalSet, *, split: str | None, limit: int | None) -> list[EvalR
     return rows[:limit] if limit is not None else rows
 
 
-def load_set(path: Path, *, name: str | None = None, label: str | None = None) -> EvalSet:
-    """One set, every row labelled; `label` is the set's own (from `FILE:LABEL` or `--label`)."""
+def load_set(
+    path: Path, *, name: str | None = None, label: str | None = None, fallback: str | None = None
+) -> EvalSet:
+    """One set, every row labelled: by its `label` field, else `label` (the set's own, from
+    `FILE:LABEL`), else its format's, else `fallback` (`--label`)."""
     if not path.is_file():
         raise InputError(f"{path}: no such file")
     items = list(_items(path))
     if not items:
         raise InputError(f"{path}: no prompts")
     fmt = detect_format(items[0][1])
-    default = label or ("harmful" if fmt in HARMFUL_FORMATS else None)
+    default = label or ("harmful" if fmt in HARMFUL_FORMATS else None) or fallback
     loaded = EvalSet(name=name or path.stem, path=path, format=fmt)
     lines_of: dict[str, str] = {}
     for number, (where, item) in enumerate(items, start=1):
@@ -148,9 +157,10 @@ def load_set(path: Path, *, name: str | None = None, label: str | None = None) -
                 "all harmful); pass --label harmful|benign, or FILE:harmful / FILE:benign"
             )
         fields = _fields(item)
-        row_id = item[fields["id"]] if isinstance(item, dict) and "id" in fields else number
-        if not isinstance(row_id, (str, int)) or isinstance(row_id, bool):
-            raise InputError(f"{where}: field 'id' must be a string or an integer")
+        id_field = next((fields[k] for k in ID_FIELDS if k in fields), None)
+        row_id = item[id_field] if isinstance(item, dict) and id_field else number
+        if not isinstance(row_id, (str, int)) or isinstance(row_id, bool) or row_id == "":
+            raise InputError(f"{where}: field {id_field!r} must be a string or an integer")
         key = json.dumps(row_id)
         if key in lines_of:
             raise InputError(f"{where}: field 'id': {key} is also the id at {lines_of[key]}")
