@@ -856,11 +856,13 @@ def _eval(args: argparse.Namespace) -> int:
             for row, (cost, budget) in zip(baseline, costs, strict=True):
                 row.update(cost=cost, budget=budget, over_budget=cost > budget)
         policy = guard.policy(args.tenant)
+        model_name = guard.worker.lm.name
     finally:
         guard.close()
     max_new_tokens = args.max_new_tokens or policy.sampling.max_new_tokens
     run_info = {
-        "model": next((row["guard"]["model"] for row in rows), None),
+        "model": model_name,
+        "fingerprint": next((row["guard"]["model"] for row in rows), None),
         "tenant": args.tenant,
         "on_fire": policy.on_fire,
         "max_new_tokens": max_new_tokens,

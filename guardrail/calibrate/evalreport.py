@@ -185,7 +185,8 @@ def report_markdown(summary: Mapping[str, Any], notes: Sequence[str] = ()) -> st
     run = summary["run"]
     lines = ["# Evaluation", ""]
     lines.append(
-        f"Model `{run.get('model')}`, tenant `{run.get('tenant')}`, split "
+        f"Model `{run.get('model')}` (fingerprint `{run.get('fingerprint')}`), tenant "
+        f"`{run.get('tenant')}`, split "
         f"`{run.get('split') or 'all'}`, at most {run.get('limit') or 'all'} prompts per set, "
         f"{run.get('max_new_tokens')} new tokens at most, on_fire `{run.get('on_fire')}`."
     )
@@ -364,11 +365,18 @@ def plot_gate_roc(rows: Sequence[Row], path: Path) -> bool:
     return True
 
 
+def _ms_text(value: float) -> str:
+    return f"{value / 1000:.3g} s" if value >= 1000 else f"{value:.0f} ms"
+
+
 def plot_paths_latency(rows: Sequence[Row], path: Path) -> None:
     """Left: the share of each set's rows on each path, guarded beside baseline. Right: the
-    latency on each path (median, with a bar to p90)."""
+    latency on each path (median, with a line from p10 to p90; a log axis when the paths'
+    medians are far apart)."""
     plt = _pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [3, 2]})
     bars: list[tuple[str, list[Row]]] = []
     for key, (_, _, members) in groups(rows).items():
         for variant in ("guarded", "baseline"):
@@ -391,19 +399,27 @@ def plot_paths_latency(rows: Sequence[Row], path: Path) -> None:
             color=PATH_COLOURS.get(path_name, "#566573"),
             label=path_name,
         )
+        for y, (start, width) in enumerate(zip(lefts, widths, strict=True)):
+            if width >= 0.08:  # a share wide enough to carry its number
+                left.text(
+                    start + width / 2, y, f"{width:.0%}", ha="center", va="center", fontsize=8
+                )
     left.set_yticks(range(len(bars)), [label for label, _ in bars], fontsize=8)
     left.invert_yaxis()
     left.set_xlim(0, 1)
     left.set_xlabel("share of rows")
     left.set_title("Path taken, per set")
-    left.legend(loc="lower right", fontsize=8, framealpha=0.9)
+    left.legend(
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.14),
+        ncol=len(present),
+        fontsize=8,
+        frameon=False,
+    )
 
     medians: list[float] = []
-    spans: list[float] = []
     names: list[str] = []
-    colours: list[str] = []
-    sizes: list[int] = []
-    for path_name in present:
+    for x, path_name in enumerate(present):
         values = [
             v
             for r in rows
@@ -412,23 +428,27 @@ def plot_paths_latency(rows: Sequence[Row], path: Path) -> None:
         ]
         if not values:
             continue
-        p50, p90 = percentile(values, 50), percentile(values, 90)
-        assert p50 is not None and p90 is not None
+        p10, p50, p90 = (percentile(values, q) for q in (10, 50, 90))
+        assert p10 is not None and p50 is not None and p90 is not None
+        colour = PATH_COLOURS.get(path_name, "#566573")
+        right.vlines(x, p10, p90, color=colour, linewidth=3, alpha=0.6)
+        right.plot([x], [p50], "o", color=colour, markersize=9)
+        right.annotate(
+            _ms_text(p50), (x, p50), textcoords="offset points", xytext=(8, -3), fontsize=8
+        )
         medians.append(p50)
-        spans.append(p90 - p50)
-        names.append(path_name)
-        colours.append(PATH_COLOURS.get(path_name, "#566573"))
-        sizes.append(len(values))
-    positions = list(range(len(names)))
-    right.bar(positions, medians, color=colours, yerr=[[0] * len(spans), spans], capsize=4)
-    right.set_xticks(
-        positions, [f"{name}\n({n} rows)" for name, n in zip(names, sizes, strict=True)]
-    )
+        rows_word = "row" if len(values) == 1 else "rows"
+        names.append(f"{path_name}\n({len(values)} {rows_word})")
+    right.set_xticks(range(len(names)), names)
+    right.set_xlim(-0.5, len(names) - 0.2)
     if medians and max(medians) > 20 * max(min(medians), 1e-9):
         right.set_yscale("log")
-    right.set_ylabel("latency, ms (bar: median; whisker: p90)")
+        right.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        right.yaxis.set_minor_formatter(NullFormatter())
+    right.yaxis.set_major_formatter(FuncFormatter(lambda value, _: _ms_text(value)))
+    right.set_ylabel("latency (dot: median; line: p10 to p90)")
     right.set_xlabel("path")
-    right.set_title("Latency per path")
+    right.set_title("Latency per path, admission to answer")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
