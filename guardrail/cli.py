@@ -42,6 +42,18 @@ as the prompt, of the response at every 16-token chunk boundary (the target mode
 and of the whole response. OUT.jsonl appears only when every row is scored."""
 
 
+EVAL_FORMAT = """\
+SET: a .csv, .jsonl or .json (array) file of prompts, in its own format (AdvBench goal,
+HarmBench Behavior, JailbreakBench Goal, XSTest prompt, Alpaca instruction + input, or a
+prompt/goal/behavior/instruction/question/query/request/text field). Labels: a row's `label`
+(harmful/unsafe, benign/safe), else XSTest's type, else FILE:harmful|benign, else the format
+(AdvBench and HarmBench are harmful), else --label.
+DIR: rows.jsonl (every answer, judged), summary.json (per set: n, label, asr or over_refusal,
+changed, fired, paths, over_budget_share, mean_cost, latency_ms, baseline), report.md and
+gate_scores.png, gate_roc.png, paths_latency.png. Each answer is also appended to
+DIR/rows.jsonl.partial as it finishes; after an interruption, --resume answers only the rest."""
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="guardrail", description="Inference-time safety guardrail for LLMs."
@@ -100,9 +112,10 @@ def _parser() -> argparse.ArgumentParser:
             "--tenant", default="default", help="whose policy applies (needs --policies)"
         )
 
-    def generation(p: argparse.ArgumentParser) -> None:
+    def generation(p: argparse.ArgumentParser, *, unguarded: bool = True) -> None:
         common(p)
-        p.add_argument("--unguarded", action="store_true", help="plain generation, no gate")
+        if unguarded:
+            p.add_argument("--unguarded", action="store_true", help="plain generation, no gate")
         p.add_argument(
             "--max-new-tokens", type=int, default=None, help="default: 128, or the policy's"
         )
@@ -138,6 +151,47 @@ def _parser() -> argparse.ArgumentParser:
         help="keep the rows already in OUT.jsonl.partial (an interrupted run) and answer the rest",
     )
     generation(batch)
+
+    evaluate = sub.add_parser(
+        "eval",
+        help="evaluate the guard on labelled prompt sets: rows, summary, report and plots",
+        description=EVAL_FORMAT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    evaluate.add_argument(
+        "sets",
+        nargs="+",
+        metavar="SET",
+        help="a .csv, .jsonl or .json prompt file; FILE:harmful or FILE:benign labels its prompts",
+    )
+    evaluate.add_argument("--out", required=True, metavar="DIR")
+    evaluate.add_argument(
+        "--baseline", action="store_true", help="also answer every prompt unguarded (same model)"
+    )
+    evaluate.add_argument(
+        "--label",
+        default=None,
+        metavar="harmful|benign",
+        help="the label of prompts without one (no `label` field, not FILE:LABEL, not AdvBench "
+        "or HarmBench)",
+    )
+    evaluate.add_argument(
+        "--split",
+        default=None,
+        choices=["fit", "select", "dev", "test"],
+        help="keep only the prompts in this hash split (test: never seen by calibration)",
+    )
+    evaluate.add_argument(
+        "--limit", type=int, default=None, metavar="N", help="the first N prompts of each set"
+    )
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the rows already in DIR/rows.jsonl.partial (an interrupted run) and answer "
+        "the rest",
+    )
+    generation(evaluate, unguarded=False)
 
     score = sub.add_parser(
         "score",
@@ -266,14 +320,19 @@ def _id_key(record: dict[str, Any]) -> str:
 _ADDED = ("response", "guard")  # the fields a batch adds to each input row
 
 
-def read_partial(path: Path, records: Sequence[dict[str, Any]]) -> tuple[dict[str, str], int]:
-    """The rows an interrupted run finished (id key -> its line) and the bytes they take.
+def read_partial(
+    path: Path,
+    records: Sequence[dict[str, Any]],
+    *,
+    key_of: Callable[[dict[str, Any]], str] = _id_key,
+) -> tuple[dict[str, str], int]:
+    """The rows an interrupted run finished (row key -> its line) and the bytes they take.
 
     Only lines ending in a newline count: a crash can tear the last one, which is dropped.
     A row that is not one of the input's, or repeats an id, means the partial file belongs to
-    another input: an error, never a guess.
+    another input: an error, never a guess. `key_of`: a row's key (default: its id).
     """
-    inputs = {_id_key(r): r for r in records}
+    inputs = {key_of(r): r for r in records}
     done: dict[str, str] = {}
     size = 0
     with path.open("rb") as handle:
@@ -287,7 +346,10 @@ def read_partial(path: Path, records: Sequence[dict[str, Any]]) -> tuple[dict[st
                 raise InputError(f"{path}:{number}: invalid JSON: {exc}") from exc
             if not isinstance(row, dict) or "id" not in row:
                 raise InputError(f"{path}:{number}: missing field 'id'")
-            key = _id_key(row)
+            try:
+                key = key_of(row)
+            except KeyError as exc:
+                raise InputError(f"{path}:{number}: missing field {exc.args[0]!r}") from exc
             record = inputs.get(key)
             if record is None:
                 raise InputError(
@@ -367,12 +429,14 @@ def _guard(
     max_batch: int = 16,
     queue: int = 1,
     start: bool = True,
+    unguarded_too: bool = False,
 ) -> Any:
     """The same `Guard` that services use, over a worker sized for this run.
 
     `--unguarded` and `--on-fire` become the default tenant's policy; the worker's queue holds
     the whole input, so a batch file never meets backpressure. `start=False` leaves the
     worker's thread unstarted, for a run that only reads its policies and cost model.
+    `unguarded_too`: the run also answers unguarded, which the tenant's policy must allow.
     """
     from guardrail.serve.guard import Guard
     from guardrail.serve.worker import LocalWorker
@@ -384,7 +448,12 @@ def _guard(
         if on_fire is not None:
             raise InputError("--on-fire is the policy's `on_fire` when --policies is given")
         policies = PolicyStore(args.policies)  # invalid files: PolicyError before any loading
-        policies.get(args.tenant)  # an unknown tenant fails here, not per request
+        policy = policies.get(args.tenant)  # an unknown tenant fails here, not per request
+        if unguarded_too and not policy.allow_unguarded:
+            raise InputError(
+                f"--baseline answers unguarded, which tenant {args.tenant!r}'s policy does not "
+                "allow (allow_unguarded: false)"
+            )
     elif args.tenant != "default":
         raise InputError(f"--tenant {args.tenant} needs --policies DIR")
     else:
@@ -412,7 +481,7 @@ def _guard(
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     """Per-request options: the tenant, and the flags the user gave (over the policy's)."""
     options: dict[str, Any] = {"tenant": args.tenant}
-    if args.unguarded:
+    if getattr(args, "unguarded", False):
         options["guarded"] = False
     if args.max_new_tokens is not None:
         options["max_new_tokens"] = args.max_new_tokens
@@ -423,17 +492,17 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 
 def _answer_all(
     guard: Any,
-    prompts: Sequence[Any],
-    options: dict[str, Any],
+    requests: Sequence[tuple[Any, dict[str, Any]]],
     on_answer: Callable[[int, Any], None],
     *,
     done: int,
     total: int,
     quiet: bool,
 ) -> None:
-    """Submit every prompt at once (the worker batches them); `on_answer(i, answer)` runs as
-    each one finishes, so an interrupted run keeps what it finished. The bar counts the `done`
-    rows of an earlier run too, its rate and time left only this run's."""
+    """Submit every (prompt, options) request at once (the worker batches them);
+    `on_answer(i, answer)` runs as each one finishes, so an interrupted run keeps what it
+    finished. The bar counts the `done` rows of an earlier run too, its rate and time left
+    only this run's."""
     import asyncio
 
     from tqdm.auto import tqdm
@@ -441,16 +510,122 @@ def _answer_all(
     async def answer_all() -> None:
         bar = tqdm(total=total, initial=done, desc="answers", unit="row", disable=quiet)
 
-        async def one(i: int, prompt: Any) -> None:
+        async def one(i: int, prompt: Any, options: dict[str, Any]) -> None:
             on_answer(i, await guard.generate(prompt, **options))
             bar.update(1)
 
         try:
-            await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+            await asyncio.gather(*(one(i, p, o) for i, (p, o) in enumerate(requests)))
         finally:
             bar.close()
 
     asyncio.run(answer_all())
+
+
+def _resume_partial(
+    partial: Path,
+    records: Sequence[dict[str, Any]],
+    args: argparse.Namespace,
+    *,
+    key_of: Callable[[dict[str, Any]], str] = _id_key,
+) -> tuple[dict[str, str], int]:
+    """The rows an interrupted run left in `partial` (row key -> line) and their bytes; an
+    error, never an overwrite, when it has rows and `--resume` was not given."""
+    if not (partial.is_file() and partial.stat().st_size):
+        return {}, 0
+    if not args.resume:
+        raise InputError(
+            f"{partial}: rows of an interrupted run; pass --resume to keep them and answer "
+            "the rest, or delete the file to start over"
+        )
+    done, size = read_partial(partial, records, key_of=key_of)
+    if not args.quiet:
+        print(f"resuming: {len(done)} of {len(records)} rows in {partial}", file=sys.stderr)
+    return done, size
+
+
+def _answer_into_partial(
+    guard: Any,
+    partial: Path,
+    size: int,
+    jobs: Sequence[tuple[str, Any, dict[str, Any], Callable[[Any], str]]],
+    done: dict[str, str],
+    *,
+    total: int,
+    quiet: bool,
+) -> None:
+    """Answer each (key, prompt, options, line_of) job through the guard; each answer's line
+    (`line_of(answer)`) is appended to `partial` the moment it finishes and kept in
+    `done[key]`. After the first `size` bytes of `partial` (the rows kept by `--resume`; a
+    torn last line goes). On any failure, Ctrl-C included, the guard stops at once: what
+    finished stays in `partial` for `--resume`. The guard stays open on success."""
+    try:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        with partial.open("a", encoding="utf-8") as sink:
+            sink.truncate(size)
+
+            def finished(k: int, answer: Any) -> None:
+                key, _, _, line_of = jobs[k]
+                line = line_of(answer)
+                sink.write(line)
+                sink.flush()
+                done[key] = line
+
+            _answer_all(
+                guard,
+                [(prompt, options) for _, prompt, options, _ in jobs],
+                finished,
+                done=len(done),
+                total=total,
+                quiet=quiet,
+            )
+    except BaseException as exc:
+        guard.close(drain=False)  # stop now: what finished is in the partial file
+        if isinstance(exc, KeyboardInterrupt):
+            print(
+                f"interrupted: {len(done)} of {total} rows kept in {partial}; "
+                "run the same command with --resume to answer the rest",
+                file=sys.stderr,
+            )
+        raise
+
+
+def _offline_costs(
+    guard: Any,
+    tenant: str,
+    prompts: Sequence[Any],
+    responses: Sequence[str],
+    *,
+    quiet: bool,
+) -> list[tuple[float, float]]:
+    """(cost, budget) of each existing response as the served guard would check it: the
+    tenant's budget and cost model, the answer at every chunk boundary and whole (see
+    `answer_costs`). Nothing is generated; the guard's worker need not run."""
+    from tqdm.auto import tqdm
+
+    from guardrail.budget.checks import answer_costs, cost_query
+
+    worker = guard.worker
+    # The request the guard would build for each row: its budget (the policy's; a refusal
+    # text over it is a policy error, as when serving) and the chat the cost model reads.
+    requests = [guard.request(prompt, tenant=tenant) for prompt in prompts]
+    out: list[tuple[float, float]] = []
+    step = 32  # rows per cost call: bounded memory, a moving progress bar
+    with tqdm(total=len(prompts), desc="scores", unit="row", disable=quiet) as bar:
+        for start in range(0, len(prompts), step):
+            asked = requests[start : start + step]
+            costs = answer_costs(
+                worker.scorers.cost,
+                [cost_query(request.chat) for request in asked],
+                list(responses[start : start + step]),
+                tokenizer=worker.lm.tokenizer,
+                chunk_tokens=worker.chunk_tokens,
+            )
+            for request, cost in zip(asked, costs, strict=True):
+                assert request.budget is not None  # guarded, with a cost model: always set
+                out.append((cost, float(request.budget)))
+            bar.update(len(asked))
+    return out
 
 
 def _sampling(args: argparse.Namespace) -> Sampling:
@@ -476,6 +651,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         os.environ[SHARED_KEY_FILE_ENV] = str(Path(args.shared_key_file).resolve())
     if args.command == "batch":
         return _batch(args)
+    elif args.command == "eval":
+        return _eval(args)
     elif args.command == "score":
         return _score(args)
     elif args.command == "chat":
@@ -530,17 +707,7 @@ def _batch(args: argparse.Namespace) -> int:
     sampling = _sampling(args)
     out = Path(args.out)
     partial = out.with_name(out.name + ".partial")
-    done: dict[str, str] = {}
-    size = 0
-    if partial.is_file() and partial.stat().st_size:
-        if not args.resume:
-            raise InputError(
-                f"{partial}: rows of an interrupted run; pass --resume to keep them and answer "
-                "the rest, or delete the file to start over"
-            )
-        done, size = read_partial(partial, records)
-        if not args.quiet:
-            print(f"resuming: {len(done)} of {len(records)} rows in {partial}", file=sys.stderr)
+    done, size = _resume_partial(partial, records, args)
     # Submitted shortest first, so similar lengths share a batch (less padding); the output
     # keeps the input order.
     order = sorted(
@@ -549,37 +716,19 @@ def _batch(args: argparse.Namespace) -> int:
     )
     if order:
         guard = _guard(args, sampling, max_batch=args.batch_size, queue=len(order))
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            with partial.open("a", encoding="utf-8") as sink:
-                sink.truncate(size)  # a torn last line, if any, goes
+        options = _options(args)
 
-                def finished(k: int, answer: Any) -> None:
-                    record = records[order[k]]
-                    row = {**record, "response": answer.text, "guard": answer.decision.as_dict()}
-                    line = json.dumps(row) + "\n"
-                    sink.write(line)
-                    sink.flush()
-                    done[_id_key(record)] = line
+        def line_of(record: dict[str, Any]) -> Callable[[Any], str]:
+            def line(answer: Any) -> str:
+                row = {**record, "response": answer.text, "guard": answer.decision.as_dict()}
+                return json.dumps(row) + "\n"
 
-                _answer_all(
-                    guard,
-                    [records[i]["prompt"] for i in order],
-                    _options(args),
-                    finished,
-                    done=len(done),
-                    total=len(records),
-                    quiet=args.quiet,
-                )
-        except BaseException as exc:
-            guard.close(drain=False)  # stop now: what finished is in the partial file
-            if isinstance(exc, KeyboardInterrupt):
-                print(
-                    f"interrupted: {len(done)} of {len(records)} rows kept in {partial}; "
-                    "run the same command with --resume to answer the rest",
-                    file=sys.stderr,
-                )
-            raise
+            return line
+
+        jobs = [
+            (_id_key(records[i]), records[i]["prompt"], options, line_of(records[i])) for i in order
+        ]
+        _answer_into_partial(guard, partial, size, jobs, done, total=len(records), quiet=args.quiet)
         guard.close()
     lines = [done[_id_key(record)] for record in records]
     _write_atomically(out, lines)
@@ -592,42 +741,169 @@ def _batch(args: argparse.Namespace) -> int:
 def _score(args: argparse.Namespace) -> int:
     """Score each row's response as the served guard would check it, with the model, cost
     model and tenant policy `batch` would use; OUT is written only when every row is scored."""
-    from tqdm.auto import tqdm
-
-    from guardrail.budget.checks import answer_costs, cost_query
     from guardrail.runtime.forward import Sampling
 
     records = read_requests(args.input, responses=True)  # validate before loading anything
     guard = _guard(args, Sampling(), start=False)  # nothing is generated: never started
     try:
-        worker = guard.worker
-        # The request the guard would build for each row: its budget (the policy's; a refusal
-        # text over it is a policy error, as when serving) and the chat the cost model reads.
-        requests = [guard.request(r["prompt"], tenant=args.tenant) for r in records]
-        lines: list[str] = []
-        over = 0
-        step = 32  # rows per cost call: bounded memory, a moving progress bar
-        with tqdm(total=len(records), desc="scores", unit="row", disable=args.quiet) as bar:
-            for start in range(0, len(records), step):
-                rows, asked = records[start : start + step], requests[start : start + step]
-                costs = answer_costs(
-                    worker.scorers.cost,
-                    [cost_query(request.chat) for request in asked],
-                    [r["response"] for r in rows],
-                    tokenizer=worker.lm.tokenizer,
-                    chunk_tokens=worker.chunk_tokens,
-                )
-                for record, request, cost in zip(rows, asked, costs, strict=True):
-                    assert request.budget is not None  # guarded, with a cost model: always set
-                    budget = float(request.budget)
-                    row = {**record, "cost": cost, "budget": budget, "over_budget": cost > budget}
-                    lines.append(json.dumps(row) + "\n")
-                    over += cost > budget
-                bar.update(len(rows))
+        scored = _offline_costs(
+            guard,
+            args.tenant,
+            [r["prompt"] for r in records],
+            [r["response"] for r in records],
+            quiet=args.quiet,
+        )
     finally:
         guard.close()
+    lines: list[str] = []
+    over = 0
+    for record, (cost, budget) in zip(records, scored, strict=True):
+        row = {**record, "cost": cost, "budget": budget, "over_budget": cost > budget}
+        lines.append(json.dumps(row) + "\n")
+        over += cost > budget
     _write_atomically(Path(args.out), lines)
     print(f"wrote {len(lines)} scores to {args.out} ({over} over budget)", file=sys.stderr)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    """Answer every prompt of every set through the guard (and unguarded with --baseline),
+    judge each answer, and write DIR/rows.jsonl, summary.json, report.md and the plots; each
+    answer goes to DIR/rows.jsonl.partial at once, the final files when all are done."""
+    import time
+
+    from guardrail.calibrate import evalreport
+    from guardrail.calibrate.evalsets import read_sets
+    from guardrail.calibrate.judge import is_refusal
+
+    started = time.monotonic()
+    # Validate everything before loading anything.
+    sets = read_sets(args.sets, label=args.label, split=args.split, limit=args.limit)
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    sampling = _sampling(args)
+    folder = Path(args.out)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder}: --out must be a folder, and this is a file")
+    partial = folder / "rows.jsonl.partial"
+    variants = ("guarded", "baseline") if args.baseline else ("guarded",)
+    records = [
+        {"set": s.name, "variant": v, "id": row.id, "label": row.label, "prompt": row.prompt}
+        for s in sets
+        for row in s.rows
+        for v in variants
+    ]
+
+    def key_of(row: dict[str, Any]) -> str:
+        return json.dumps([row["set"], row["variant"], row["id"]])
+
+    done, size = _resume_partial(partial, records, args, key_of=key_of)
+    # Shortest first, so similar lengths share a batch; the output keeps the sets' order.
+    order = sorted(
+        (i for i, r in enumerate(records) if key_of(r) not in done),
+        key=lambda i: len(json.dumps(records[i]["prompt"])),
+    )
+    guard = _guard(
+        args,
+        sampling,
+        max_batch=args.batch_size,
+        queue=len(order),
+        start=bool(order),
+        unguarded_too=args.baseline,
+    )
+    options = _options(args)
+
+    def line_of(record: dict[str, Any]) -> Callable[[Any], str]:
+        def line(answer: Any) -> str:
+            decision = answer.decision.as_dict()
+            row = {
+                **record,
+                "response": answer.text,
+                "guard": decision,
+                "refused": is_refusal(answer.text) or not answer.text.strip(),
+            }
+            if record["variant"] == "guarded":  # held to the budget as it was generated
+                cost, budget = decision["cost"], decision["budget"]
+                over = None if cost is None or budget is None else cost > budget
+                row.update(cost=cost, budget=budget, over_budget=over)
+            return json.dumps(row) + "\n"
+
+        return line
+
+    jobs = [
+        (
+            key_of(records[i]),
+            records[i]["prompt"],
+            options if records[i]["variant"] == "guarded" else {**options, "guarded": False},
+            line_of(records[i]),
+        )
+        for i in order
+    ]
+    if jobs:
+        _answer_into_partial(guard, partial, size, jobs, done, total=len(records), quiet=args.quiet)
+    try:
+        rows = [json.loads(done[key_of(record)]) for record in records]
+        # Unguarded answers: the cost the served guard would have held them to, offline.
+        baseline = [row for row in rows if row["variant"] == "baseline"]
+        if baseline:
+            costs = _offline_costs(
+                guard,
+                args.tenant,
+                [row["prompt"] for row in baseline],
+                [row["response"] for row in baseline],
+                quiet=args.quiet,
+            )
+            for row, (cost, budget) in zip(baseline, costs, strict=True):
+                row.update(cost=cost, budget=budget, over_budget=cost > budget)
+        policy = guard.policy(args.tenant)
+        model_name = guard.worker.lm.name
+    finally:
+        guard.close()
+    max_new_tokens = args.max_new_tokens or policy.sampling.max_new_tokens
+    run_info = {
+        "model": model_name,
+        "fingerprint": next((row["guard"]["model"] for row in rows), None),
+        "tenant": args.tenant,
+        "on_fire": policy.on_fire,
+        "max_new_tokens": max_new_tokens,
+        "split": args.split,
+        "limit": args.limit,
+        "baseline": bool(args.baseline),
+    }
+    summary = evalreport.summarize(rows, files={s.name: str(s.path) for s in sets}, run=run_info)
+    # Everything goes to temporary names first: the final files appear only together.
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".eval-") as scratch:
+        notes = evalreport.write_plots(rows, Path(scratch))
+        (Path(scratch) / "summary.json").write_text(
+            json.dumps(summary, indent=2) + "\n", encoding="utf-8"
+        )
+        (Path(scratch) / "report.md").write_text(
+            evalreport.report_markdown(summary, notes), encoding="utf-8"
+        )
+        (Path(scratch) / "rows.jsonl").write_text(
+            "".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8"
+        )
+        if not (Path(scratch) / "gate_roc.png").exists():
+            (folder / "gate_roc.png").unlink(missing_ok=True)  # an older run's
+        for made in sorted(Path(scratch).iterdir(), key=lambda p: p.name == "rows.jsonl"):
+            os.replace(made, folder / made.name)  # rows.jsonl last
+    partial.unlink(missing_ok=True)
+    if not args.quiet:
+        for key, entry in summary["sets"].items():
+            figure = "asr" if entry["label"] == "harmful" else "over_refusal"
+            base = entry.get("baseline")
+            against = f" (unguarded {base[figure]})" if base else ""
+            print(
+                f"{key}: {entry['n']} {entry['label']}, {figure} {entry[figure]}{against}, "
+                f"fired {entry['fired']}",
+                file=sys.stderr,
+            )
+    print(
+        f"wrote {len(rows)} answers, summary, report and plots to {folder} "
+        f"in {time.monotonic() - started:.0f} s",
+        file=sys.stderr,
+    )
     return 0
 
 
