@@ -17,7 +17,7 @@ install: .venv/bin/python
 install-test: install
 	$(PIP) install -q -e ".[test]"
 
-# Main job: answer examples/prompts.jsonl on the embedded default (calibrates once, about 25 min).
+# Main job: answer examples/prompts.jsonl on the embedded default (its calibration ships).
 demo: install
 	.venv/bin/guardrail batch examples/prompts.jsonl --out answers.jsonl
 	$(PY) examples/show_answers.py answers.jsonl
@@ -27,7 +27,7 @@ agent: install
 	$(PIP) install -q -e ".[langchain]"
 	$(PY) examples/langchain_agent.py
 
-# Lint, type-check and the test suite (real model; a calibration per run).
+# Lint, type-check and the test suite (real model; one calibration from scratch, tests/test_shipped.py).
 test: install-test
 	.venv/bin/ruff check .
 	.venv/bin/mypy

@@ -31,8 +31,11 @@ import threading
 import time
 from typing import Any
 
+import torch
+
 from common import alpaca_test, table
 from guardrail.decision import Answer
+from guardrail.probes import auroc
 from guardrail.runtime.forward import Sampling
 from guardrail.serve.tool_calls import AUTO_CALL_THRESHOLD, wants_call
 from guardrail.serve.worker import LocalWorker, Request
@@ -293,12 +296,6 @@ def calls(items: list[Any], answers: list[Answer], threshold: float) -> list[boo
     return out
 
 
-def auroc(positive: list[float], negative: list[float]) -> float:
-    """P(a positive scores above a negative), ties counting half (Mann-Whitney)."""
-    wins = sum((p > n) + 0.5 * (p == n) for p in positive for n in negative)
-    return wins / (len(positive) * len(negative))
-
-
 def rate(flags: list[bool]) -> float:
     return sum(flags) / len(flags) if flags else 0.0
 
@@ -348,8 +345,10 @@ def main() -> None:
                 rate(calls(*test["after_result"], threshold)),
             ]
         )
-    test_auc = auroc(probs(half("should", 1)[1]), probs(half("should_not", 1)[1]))
-    fit_auc = auroc(probs(fit_yes[1]), probs(fit_no[1]))
+    test_auc = auroc(
+        torch.tensor(probs(half("should", 1)[1])), torch.tensor(probs(half("should_not", 1)[1]))
+    )
+    fit_auc = auroc(torch.tensor(probs(fit_yes[1])), torch.tensor(probs(fit_no[1])))
     sizes = {name: (len(half(name, 0)[0]), len(half(name, 1)[0])) for name in sets}
     print(f"labelled set (fit, test): {sizes}; {seconds:.0f} s")
     print(

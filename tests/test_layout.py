@@ -3,7 +3,8 @@
 Every import counts, the ones inside functions too: a lazy import that runs upward is still
 a dependency that runs upward. Rooms, from the bottom:
 
-0. `errors`, `tools`, `probes`, `cache` (no guardrail import above them)
+0. `errors`, `tools`, `probes`, `cache` (no guardrail import above them); `policies` and
+   `shipped` hold data
 1. `runtime`: how the model runs
 2. `gate` (InferAligner) and `budget` (InferenceGuard), which do not import each other
 3. `decision`: what a request gets
@@ -28,6 +29,7 @@ LAYERS = {
     "probes": 0,
     "cache": 0,
     "policies": 0,
+    "shipped": 0,  # data: the embedded default's calibration artifacts
     "runtime": 1,
     "gate": 2,
     "budget": 2,

@@ -14,6 +14,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from guardrail import probes
 from guardrail.calibrate.evalsets import LABELS
 
 Row = Mapping[str, Any]
@@ -43,20 +46,10 @@ def latency_ms(row: Row) -> float | None:
 
 
 def auroc(positive: Sequence[float], negative: Sequence[float]) -> float | None:
-    """The probability that a positive scores above a negative (ties count half)."""
+    """`probes.auroc` of two score lists; None when either is empty."""
     if not positive or not negative:
         return None
-    ranked = sorted([(s, 1) for s in positive] + [(s, 0) for s in negative])
-    rank_sum, i = 0.0, 0
-    while i < len(ranked):  # average ranks over ties
-        j = i
-        while j < len(ranked) and ranked[j][0] == ranked[i][0]:
-            j += 1
-        mean_rank = (i + 1 + j) / 2
-        rank_sum += mean_rank * sum(flag for _, flag in ranked[i:j])
-        i = j
-    n_pos, n_neg = len(positive), len(negative)
-    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    return probes.auroc(torch.tensor(positive), torch.tensor(negative))
 
 
 def _share(flags: Sequence[bool]) -> float | None:

@@ -12,13 +12,12 @@ data it was computed for; any other model calibrates on first use as before.
 index is ignored (logged), and the guard calibrates instead of trusting it.
 
 Maintainers refresh the shipped files after a change to calibration with `guardrail calibrate
---force` then `python -m guardrail.calibrate.shipped`; the reproduction test
+--force` then `python -m guardrail.calibrate.ship`; the reproduction test
 (`tests/test_shipped.py`) checks that a fresh calibration makes the same decisions.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib.resources
 import json
@@ -27,7 +26,6 @@ import shutil
 from pathlib import Path
 
 from guardrail.cache.artifacts import MANIFEST, TENSORS, Artifacts, DirectoryStore
-from guardrail.runtime.paths import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +87,7 @@ class ShippedStore:
 def write_shipped(items: dict[str, Artifacts], root: Path | None = None) -> Path:
     """Replace the shipped artifacts with `items` (key -> artifacts) and rewrite the index."""
     root = root or shipped_root()
+    root.mkdir(parents=True, exist_ok=True)
     for old in root.iterdir():
         if old.is_dir() and not old.name.startswith("__"):
             shutil.rmtree(old)
@@ -99,51 +98,3 @@ def write_shipped(items: dict[str, Artifacts], root: Path | None = None) -> Path
         index[key] = {name: _sha256(folders.path(key) / name) for name in FILES}
     (root / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return root
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m guardrail.calibrate.shipped",
-        description="Ship the embedded default's calibration from a guardrail home (maintainers, "
-        "after `guardrail calibrate --force` with a change to calibration).",
-    )
-    parser.add_argument(
-        "--home",
-        type=Path,
-        default=None,
-        help="the guardrail home holding the calibration (default: $GUARDRAIL_HOME or the cache)",
-    )
-    parser.add_argument("--out", type=Path, default=None, help="default: the package folder")
-    args = parser.parse_args(argv)
-    items = _from_home(args.home or cache_root())
-    root = write_shipped(items, args.out)
-    for key in items:
-        size = sum(f.stat().st_size for f in (root / key).iterdir())
-        print(f"{root / key}  {size / 1024:.0f} KiB")
-    return 0
-
-
-def _from_home(home: Path) -> dict[str, Artifacts]:
-    """The embedded default's gate and safety artifacts as stored under `home/artifacts`."""
-    from guardrail.calibrate.gate import CalibrationConfig
-    from guardrail.calibrate.safety import SafetyConfig
-    from guardrail.calibrate.store import artifact_key, safety_key
-    from guardrail.gate.artifact import Calibration
-    from guardrail.runtime.model import EMBEDDED_DEFAULT, load_model
-
-    lm = load_model(EMBEDDED_DEFAULT)
-    folders = DirectoryStore(home / "artifacts")
-    gate_key = artifact_key(lm, CalibrationConfig())
-    gate = folders.load(gate_key)
-    if gate is None:
-        raise SystemExit(f"{home / 'artifacts' / gate_key}: no gate calibration for this code")
-    calibration = Calibration.from_artifacts(gate)
-    key = safety_key(lm, calibration, SafetyConfig())
-    safety = folders.load(key)
-    if safety is None:
-        raise SystemExit(f"{home / 'artifacts' / key}: no cost model/critic for this code")
-    return {gate_key: gate, key: safety}
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
