@@ -3,11 +3,12 @@ shared and noisy).
 
 Every variant goes through `Guard` and one shared `LocalWorker` per cost model, as a user's
 request does: gate at prefill, stream cost checks every 16 tokens, search when a chunk would
-go over budget. Variants: unguarded (no gate, no cost checks), guarded with the latent cost
-model (checks read states the decode step computed), guarded with the MiniLM probe (checks
-embed the answer so far). Benign prompts (Alpaca test prompts the gate leaves alone) should
-cost what unguarded ones do (target ratio <= 1.02); harmful prompts show the cost of the path
-they take: refused at the gate under the shipped `auto`, or steered under `on_fire: steer`.
+go over budget (every check scored: no score cache across repeats). Variants: unguarded (no
+gate, no cost checks), guarded with the latent cost model (checks read states the decode step
+computed), guarded with the MiniLM probe (checks embed the answer so far). Benign prompts
+(Alpaca test prompts the gate leaves alone) should cost what unguarded ones do (target ratio
+<= 1.02); harmful prompts show the cost of the path they take: refused at the gate under the
+shipped `auto`, or steered under `on_fire: steer`.
 
     python bench/bench_overhead.py [--batch 16] [--tokens 64] [--repeats 5]
 """
@@ -18,14 +19,26 @@ import argparse
 import asyncio
 import statistics
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from common import advbench_test, alpaca_test, setup, table
-from guardrail.calibrate.store import load_scorers
+from guardrail.calibrate.store import load_or_calibrate_safety
 from guardrail.gate.vectors import gate_scores
 from guardrail.serve.guard import Guard
 from guardrail.serve.worker import LocalWorker
 from guardrail.tenants.store import TenantPolicy
+
+
+class Uncached:
+    """A score cache that never hits: the repeats answer the same prompts with the same
+    greedy answers, which a cache would score once; distinct traffic pays every check."""
+
+    def get_many(self, keys: Sequence[str]) -> list[None]:
+        return [None] * len(keys)
+
+    def put_many(self, items: dict[str, Any]) -> None:
+        pass
 
 
 async def answer_all(
@@ -43,6 +56,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     lm, calibration = setup()
+    safety = load_or_calibrate_safety(lm, calibration)
     policy = {
         "default": TenantPolicy(allow_unguarded=True),
         "steer": TenantPolicy(allow_unguarded=True, on_fire="steer"),
@@ -53,7 +67,7 @@ def main() -> None:
                 lm,
                 calibration,
                 max_batch=args.batch,
-                scorers=load_scorers(lm, calibration, cost_model=name),
+                scorers=safety.scorers(lm, cache=Uncached(), cost=name),
             ),
             policies=policy,
         )
