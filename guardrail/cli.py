@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from guardrail.calibrate.datasets import jsonl_lines
 from guardrail.errors import GuardrailError, InputError
 
 if TYPE_CHECKING:
@@ -268,45 +269,38 @@ def read_requests(path: str | Path, *, responses: bool = False) -> list[dict[str
         raise InputError(f"{path}: no such file")
     records = []
     lines_of: dict[str, int] = {}  # id key -> line, for duplicate ids
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}:{number}: invalid JSON: {exc.msg}") from exc
-            if not isinstance(record, dict):
-                raise InputError(f"{path}:{number}: expected a JSON object")
-            for key in ("id", "prompt", "response") if responses else ("id", "prompt"):
-                if key not in record:
-                    raise InputError(f"{path}:{number}: missing field {key!r}")
-            prompt = record["prompt"]
-            valid_messages = (
-                isinstance(prompt, list)
-                and prompt
-                and all(
-                    isinstance(m, dict)
-                    and isinstance(m.get("role"), str)
-                    and isinstance(m.get("content"), str)
-                    for m in prompt
-                )
+    for number, record in jsonl_lines(path):
+        if not isinstance(record, dict):
+            raise InputError(f"{path}:{number}: expected a JSON object")
+        for key in ("id", "prompt", "response") if responses else ("id", "prompt"):
+            if key not in record:
+                raise InputError(f"{path}:{number}: missing field {key!r}")
+        prompt = record["prompt"]
+        valid_messages = (
+            isinstance(prompt, list)
+            and prompt
+            and all(
+                isinstance(m, dict)
+                and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str)
+                for m in prompt
             )
-            if not (isinstance(prompt, str) and prompt.strip()) and not valid_messages:
-                raise InputError(
-                    f"{path}:{number}: field 'prompt' must be a non-empty string or a list of "
-                    "{role, content} messages"
-                )
-            if responses and not isinstance(record["response"], str):
-                kind = type(record["response"]).__name__
-                raise InputError(f"{path}:{number}: field 'response' must be a string, not {kind}")
-            key = _id_key(record)
-            if key in lines_of:  # a resumed run finds its finished rows by id
-                raise InputError(
-                    f"{path}:{number}: field 'id': {key} is also the id on line {lines_of[key]}"
-                )
-            lines_of[key] = number
-            records.append(record)
+        )
+        if not (isinstance(prompt, str) and prompt.strip()) and not valid_messages:
+            raise InputError(
+                f"{path}:{number}: field 'prompt' must be a non-empty string or a list of "
+                "{role, content} messages"
+            )
+        if responses and not isinstance(record["response"], str):
+            kind = type(record["response"]).__name__
+            raise InputError(f"{path}:{number}: field 'response' must be a string, not {kind}")
+        key = _id_key(record)
+        if key in lines_of:  # a resumed run finds its finished rows by id
+            raise InputError(
+                f"{path}:{number}: field 'id': {key} is also the id on line {lines_of[key]}"
+            )
+        lines_of[key] = number
+        records.append(record)
     if not records:
         raise InputError(f"{path}: no requests")
     return records

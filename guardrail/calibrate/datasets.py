@@ -11,7 +11,7 @@ import csv
 import hashlib
 import importlib.resources
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from guardrail.errors import InputError
@@ -154,6 +154,19 @@ def in_contexts(
             context = contexts[(digest // 1000) % len(contexts)]
             chats.append([*context, {"role": "user", "content": prompt}])
     return chats
+
+
+def jsonl_lines(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) of each non-blank line; invalid JSON is an `InputError`
+    naming the file and line."""
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}:{number}: invalid JSON: {exc.msg}") from exc
 
 
 def load_many(paths: Sequence[str | Path]) -> list[str]:

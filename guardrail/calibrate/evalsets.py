@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from guardrail.calibrate.datasets import SPLITS, split_of
+from guardrail.calibrate.datasets import SPLITS, jsonl_lines, split_of
 from guardrail.errors import InputError
 
 LABELS = ("harmful", "benign")
@@ -211,17 +211,10 @@ def _items(path: Path) -> Iterator[tuple[str, dict[str, Any] | str]]:
             except csv.Error as exc:
                 raise InputError(f"{path}:{reader.line_num}: invalid CSV: {exc}") from exc
     elif suffix == ".jsonl":
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    item = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise InputError(f"{path}:{number}: invalid JSON: {exc.msg}") from exc
-                if not isinstance(item, (dict, str)):
-                    raise InputError(f"{path}:{number}: expected a JSON object or string")
-                yield f"{path}:{number}", item
+        for number, item in jsonl_lines(path):
+            if not isinstance(item, (dict, str)):
+                raise InputError(f"{path}:{number}: expected a JSON object or string")
+            yield f"{path}:{number}", item
     elif suffix == ".json":
         try:
             items = json.loads(path.read_text(encoding="utf-8"))
