@@ -23,7 +23,9 @@ every device and dtype decision), and reports the outcome back:
    (`join=False`) on the same 64 requests: on SmolLM2-135M, 2 CPU threads, 8-32 new tokens,
    1/4/16/64 concurrent clients, 0.76/1.43/3.67/3.64 req/s with joining against
    0.71/1.24/3.46/3.34 without (2026-11-28), and lower mean latency, so joining stays on;
-   without it a new request waits for the longest row in flight.
+   without it a new request waits for the longest row in flight. After the scheduler
+   rewrite one run (2026-12-06) had joining behind at 16 and 64 clients (2.89/3.09 against
+   3.27/3.27 req/s): to re-examine with more runs before changing the default.
 
 4. check: before a chunk is released, the cost model scores the answer so far (every row due
    in this step in one call); a chunk that would take a row over its budget is never
