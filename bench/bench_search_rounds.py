@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import csv
 import statistics
-import threading
 import time
 from typing import Any
 
@@ -40,7 +39,7 @@ from guardrail.calibrate.datasets import data_file
 from guardrail.runtime.embedder import Embedder
 from guardrail.runtime.forward import Sampling
 from guardrail.runtime.model import EMBEDDED_DEFAULT, load_model
-from guardrail.serve.worker import LocalWorker, Request
+from guardrail.serve.worker import LocalWorker, Request, answer_all
 
 CHUNK = 16
 
@@ -77,27 +76,11 @@ def long_prompts(lm: Any, requests: list[str], target: int = 600) -> list[str]:
 
 
 def answer(worker: LocalWorker, request: Request) -> tuple[Any, float]:
-    done = threading.Event()
-    box: list[Any] = []
-
-    class Sink:
-        def chunk(self, text: str) -> None:
-            pass
-
-        def done(self, result: Any) -> None:
-            box.append(result)
-            done.set()
-
-        def fail(self, error: BaseException) -> None:
-            box.append(error)
-            done.set()
-
     started = time.monotonic()
-    worker.submit(request, Sink())
-    assert done.wait(3600), "no answer"
-    if isinstance(box[0], BaseException):
-        raise box[0]
-    return box[0], time.monotonic() - started
+    [item] = answer_all(worker, [request], timeout=3600)
+    if isinstance(item.outcome, BaseException):
+        raise item.outcome
+    return item.outcome, time.monotonic() - started
 
 
 def main() -> None:

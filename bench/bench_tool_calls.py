@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import threading
 import time
 from typing import Any
 
@@ -38,7 +37,7 @@ from guardrail.decision import Answer
 from guardrail.probes import auroc
 from guardrail.runtime.forward import Sampling
 from guardrail.serve.tool_calls import AUTO_CALL_THRESHOLD, wants_call
-from guardrail.serve.worker import LocalWorker, Request
+from guardrail.serve.worker import LocalWorker, Request, answer_all
 from guardrail.tools import (
     TOOL_CALL_OPEN,
     Call,
@@ -253,34 +252,16 @@ def labelled(seed: int) -> dict[str, list[tuple[list[dict[str, str]], list[dict[
 
 def run(worker: LocalWorker, items: list[Any], max_new_tokens: int) -> list[Answer]:
     """Every item through the worker at once (unguarded, with the call-opening probe)."""
-    answers: list[Any] = [None] * len(items)
-    left = threading.Semaphore(0)
-
-    class Sink:
-        def __init__(self, i: int) -> None:
-            self.i = i
-
-        def chunk(self, text: str) -> None:
-            pass
-
-        def done(self, answer: Answer) -> None:
-            answers[self.i] = answer
-            left.release()
-
-        def fail(self, error: BaseException) -> None:
-            answers[self.i] = error
-            left.release()
-
-    for i, (chat, tools) in enumerate(items):
-        request = Request(
+    requests = [
+        Request(
             chat=with_tools(chat, tools),
             sampling=Sampling(max_new_tokens=max_new_tokens),
             guarded=False,
             probe=TOOL_CALL_OPEN,
         )
-        worker.submit(request, Sink(i))
-    for _ in items:
-        left.acquire()
+        for chat, tools in items
+    ]
+    answers: list[Any] = [item.outcome for item in answer_all(worker, requests)]
     for answer in answers:
         if isinstance(answer, BaseException):
             raise answer

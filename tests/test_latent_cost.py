@@ -6,7 +6,6 @@ calibrated probe separates human-labelled answers is in test_guard.py.
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import pytest
@@ -17,7 +16,7 @@ from guardrail.budget.latent import LatentCost, answer_states, state_reader
 from guardrail.budget.scoring import CachedCost
 from guardrail.budget.search import Scorers
 from guardrail.runtime.forward import Sampling
-from guardrail.serve.worker import LocalWorker, Request
+from guardrail.serve.worker import LocalWorker, Request, answer_all
 
 
 @pytest.fixture(scope="module")
@@ -45,25 +44,8 @@ class CountingLatent(LatentCost):
 
 
 def _answer(worker: LocalWorker, request: Request) -> tuple[list[str], Any]:
-    chunks: list[str] = []
-    result: list[Any] = []
-    done = threading.Event()
-
-    class Sink:
-        def chunk(self, text: str) -> None:
-            chunks.append(text)
-
-        def done(self, answer: Any) -> None:
-            result.append(answer)
-            done.set()
-
-        def fail(self, error: BaseException) -> None:
-            result.append(error)
-            done.set()
-
-    worker.submit(request, Sink())
-    assert done.wait(60)
-    return chunks, result[0]
+    [item] = answer_all(worker, [request], timeout=60)
+    return item.chunks, item.outcome
 
 
 def test_answer_states_read_each_row_alone(llama: Any) -> None:

@@ -4,9 +4,6 @@ random model (mechanics only); the calls themselves are tested through the HTTP 
 
 from __future__ import annotations
 
-import threading
-from typing import Any
-
 import pytest
 import torch
 
@@ -14,7 +11,7 @@ from conftest import _tiny
 from guardrail.errors import InputError
 from guardrail.runtime.forward import Sampling
 from guardrail.serve.tool_calls import check_choice
-from guardrail.serve.worker import LocalWorker, Request
+from guardrail.serve.worker import LocalWorker, Request, answer_all
 from guardrail.tools import (
     TOOL_CALL_OPEN,
     Call,
@@ -77,32 +74,17 @@ def test_probe_is_the_first_answer_tokens_probability_in_any_batch() -> None:
     lm = _tiny("llama")
     prompts = ["Hi", "What is the weather in Paris? Please check it for me, thanks."]
     worker = LocalWorker(lm, None, max_batch=4, start=False)
-    got: list[Any] = [None] * (len(prompts) + 1)
-    done = threading.Semaphore(0)
-
-    class Sink:
-        def __init__(self, i: int) -> None:
-            self.i = i
-
-        def chunk(self, text: str) -> None:
-            pass
-
-        def done(self, answer: Any) -> None:
-            got[self.i] = answer
-            done.release()
-
-        def fail(self, error: BaseException) -> None:
-            got[self.i] = error
-            done.release()
-
-    for i, prompt in enumerate(prompts):
-        chat = with_tools([{"role": "user", "content": prompt}], [WEATHER])
-        request = Request(chat, Sampling(max_new_tokens=2), guarded=False, probe=TOOL_CALL_OPEN)
-        worker.submit(request, Sink(i))
-    worker.submit(Request("no probe", Sampling(max_new_tokens=2), guarded=False), Sink(2))
-    worker.start()
-    for _ in range(3):
-        assert done.acquire(timeout=60)
+    requests = [
+        Request(
+            with_tools([{"role": "user", "content": prompt}], [WEATHER]),
+            Sampling(max_new_tokens=2),
+            guarded=False,
+            probe=TOOL_CALL_OPEN,
+        )
+        for prompt in prompts
+    ]
+    no_probe = Request("no probe", Sampling(max_new_tokens=2), guarded=False)
+    got = [item.outcome for item in answer_all(worker, [*requests, no_probe], timeout=60)]
     worker.close()
     first = lm.tokenizer(TOOL_CALL_OPEN, add_special_tokens=False)["input_ids"][0]
     assert got[2].decision.first_token_prob is None

@@ -11,7 +11,6 @@ import asyncio
 import dataclasses
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,7 +29,7 @@ from guardrail.gate.vectors import gate_scores, num_layers
 from guardrail.runtime.detokenize import Detokenizer
 from guardrail.runtime.forward import Sampling, decode, prefill, steered_generate
 from guardrail.serve.guard import Guard
-from guardrail.serve.worker import LocalWorker, Request
+from guardrail.serve.worker import LocalWorker, Request, answer_all
 from guardrail.tenants.store import TenantPolicy
 
 PROMPTS = [
@@ -82,36 +81,7 @@ def llama_cal(llama: Any) -> Calibration:
 
 def _collect(worker: LocalWorker, requests: list[Request]) -> list[Any]:
     """Submit all, wait for all; returns each request's Answer (or the exception)."""
-    done = threading.Event()
-    results: list[Any] = [None] * len(requests)
-    left = [len(requests)]
-    lock = threading.Lock()
-
-    class Sink:
-        def __init__(self, i: int) -> None:
-            self.i = i
-
-        def chunk(self, text: str) -> None:
-            pass
-
-        def _set(self, value: Any) -> None:
-            results[self.i] = value
-            with lock:
-                left[0] -= 1
-                if left[0] == 0:
-                    done.set()
-
-        def done(self, answer: Any) -> None:
-            self._set(answer)
-
-        def fail(self, error: BaseException) -> None:
-            self._set(error)
-
-    for i, request in enumerate(requests):
-        worker.submit(request, Sink(i))
-    worker.start()
-    assert done.wait(60), "the worker did not answer"
-    return results
+    return [item.outcome for item in answer_all(worker, requests, timeout=60)]
 
 
 @pytest.mark.parametrize("reads", [("last",), ("last", "inst", "mean")])

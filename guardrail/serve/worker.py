@@ -56,7 +56,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from concurrent.futures import CancelledError
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -887,11 +887,55 @@ def _close_live_workers() -> None:
             log.exception("a guard worker did not stop at interpreter exit")
 
 
+@dataclass
+class Collected:
+    """What one request produced: the chunks released, then its answer or the error it ended
+    with (None until it ends)."""
+
+    chunks: list[str] = field(default_factory=list)
+    outcome: Answer | BaseException | None = None
+
+
+def answer_all(
+    worker: LocalWorker, requests: Sequence[Request], *, timeout: float = 600.0
+) -> list[Collected]:
+    """Submit every request, start the worker if it waits, and block this thread until each
+    has ended: a worker driven without an event loop (scripts, benches, tests)."""
+    ended = threading.Semaphore(0)
+    out = [Collected() for _ in requests]
+
+    class _Into:
+        def __init__(self, item: Collected) -> None:
+            self.item = item
+
+        def chunk(self, text: str) -> None:
+            self.item.chunks.append(text)
+
+        def done(self, answer: Answer) -> None:
+            self.item.outcome = answer
+            ended.release()
+
+        def fail(self, error: BaseException) -> None:
+            self.item.outcome = error
+            ended.release()
+
+    for request, item in zip(requests, out, strict=True):
+        worker.submit(request, _Into(item))
+    worker.start()
+    deadline = time.monotonic() + timeout
+    for _ in requests:
+        if not ended.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise TimeoutError(f"the worker did not answer within {timeout} s")
+    return out
+
+
 __all__ = [
+    "Collected",
     "LocalWorker",
     "Request",
     "Sink",
     "Ticket",
     "Worker",
     "WorkerStats",
+    "answer_all",
 ]
