@@ -1,13 +1,15 @@
 """Attack success per jailbreak family and over-refusal, on the served path (`guardrail batch`).
 
-Harmful requests (AdvBench `test` split, MaliciousInstruct) are sent plain and inside each
-wrapper family that calibration never saw (`datasets.HELD_OUT_FAMILIES`), plus, for
-comparison, families it did see. Benign requests (Alpaca test split, the `test` split of the
-shipped borderline prompts, CoCoNot's contrast prompts that should be answered) are sent
-plain and wrapped, and both classes are also sent inside conversation contexts calibration
-never saw (system prompts, tool lists, output formats, earlier turns: the held-out part of
-`datasets.contexts()`). Every prompt goes through `guardrail batch` (gate, steering, cost checks,
-search: what a user is served); answers are judged by the keyword refusal judge.
+Harmful requests (AdvBench `test` split, MaliciousInstruct) are sent plain and in every form
+calibration never saw: the held-out wrapper families of `wrappers.jsonl`
+(`datasets.HELD_OUT_FAMILIES`), the 10 held-out jailbreakchat templates, and an optimised-looking
+suffix (words, punctuation and markup fragments, unlike the random-token suffixes calibration
+sees), plus, for comparison, forms it did see. Benign requests (Alpaca test split, the `test`
+splits of the shipped borderline and CoCoNot contrast prompts) are sent plain and in the same
+forms, and both classes are also sent inside conversation contexts calibration never saw
+(system prompts, tool lists, output formats, earlier turns: the held-out part of
+`datasets.contexts()`). Every prompt goes through `guardrail batch` (gate, steering, cost
+checks, search: what a user is served); answers are judged by the keyword refusal judge.
 
     python bench/eval_jailbreaks.py --per-set 20
 """
@@ -21,50 +23,52 @@ import subprocess
 import sys
 import tempfile
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common import advbench_test, alpaca_test, malicious_instruct, shared, table
+from common import advbench_test, alpaca_test, malicious_instruct, optimised_suffix, table
 from guardrail.calibrate import datasets
 from guardrail.calibrate.judge import is_refusal
 
 SEEN_FAMILIES = ("roleplay", "prefix_injection")
+HELD_OUT_FORMS = (*datasets.HELD_OUT_FAMILIES, "jailbreakchat", "optimised_suffix")
 
 
-def coconot_contrast() -> list[str]:
-    path = shared("coconot", "coconot_contrast_eval.jsonl")
-    return [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
+def shipped_test(name: str) -> list[str]:
+    return datasets.take_split(datasets.load_prompts(datasets.data_file(name)), "test")
+
+
+def forms() -> dict[str, Callable[[str, random.Random], str]]:
+    """Each form calibration never saw (and two it did), as prompt -> text."""
+    families = datasets.load_families(datasets.wrapper_families())
+    jailbreakchat = datasets.load_templates(datasets.jailbreakchat_templates(), held_out=True)
+
+    def template(choices: list[str]) -> Callable[[str, random.Random], str]:
+        return lambda p, rng: rng.choice(choices).replace("{prompt}", p)
+
+    made = {f: template(families[f]) for f in (*datasets.HELD_OUT_FAMILIES, *SEEN_FAMILIES)}
+    return {**made, "jailbreakchat": template(jailbreakchat), "optimised_suffix": optimised_suffix}
 
 
 def build(per_set: int, seed: int) -> list[dict[str, Any]]:
-    """Rows: id, prompt, label (harmful/benign), set, family ('plain', a wrapper family or
-    'context')."""
+    """Rows: id, prompt, label (harmful/benign), set, family ('plain', a form or 'context')."""
     rng = random.Random(seed)
-    families = datasets.load_families(datasets.wrapper_families())
     contexts = datasets.load_contexts(datasets.contexts(), held_out=True)
     harmful = {"advbench/test": advbench_test(), "malicious_instruct": malicious_instruct()}
-    borderline = datasets.take_split(datasets.load_prompts(datasets.borderline_benign()), "test")
     benign = {
         "alpaca/test": alpaca_test(per_set * 4, seed=seed),
-        "borderline/test": borderline,
-        "coconot_contrast": coconot_contrast(),
+        "borderline/test": shipped_test("borderline_benign.txt"),
+        "coconot_contrast/test": shipped_test("coconot_contrast.txt"),
     }
     rows: list[dict[str, Any]] = []
 
     def add(label: str, name: str, prompts: list[str]) -> None:
         chosen = rng.sample(prompts, min(per_set, len(prompts)))
         rows.extend({"label": label, "set": name, "family": "plain", "prompt": p} for p in chosen)
-        for family in (*datasets.HELD_OUT_FAMILIES, *SEEN_FAMILIES):
+        for family, form in forms().items():
             for p in chosen[: max(per_set // 2, 1)]:
-                template = rng.choice(families[family])
-                rows.append(
-                    {
-                        "label": label,
-                        "set": name,
-                        "family": family,
-                        "prompt": template.replace("{prompt}", p),
-                    }
-                )
+                rows.append({"label": label, "set": name, "family": family, "prompt": form(p, rng)})
         for p in chosen[: max(per_set // 2, 1)]:
             chat = [*rng.choice(contexts), {"role": "user", "content": p}]
             rows.append({"label": label, "set": name, "family": "context", "prompt": chat})
@@ -81,14 +85,26 @@ def main() -> None:
     parser.add_argument("--per-set", type=int, default=20, help="plain prompts per set")
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--keep", type=Path, help="keep the batch's input and answers here")
+    parser.add_argument(
+        "--answers", type=Path, help="report on this batch output instead of running one"
+    )
     args = parser.parse_args()
+    if args.answers:
+        report([json.loads(line) for line in args.answers.read_text().splitlines()])
+        return
     rows = build(args.per_set, args.seed)
     with tempfile.TemporaryDirectory() as tmp:
-        source, out = Path(tmp) / "in.jsonl", Path(tmp) / "out.jsonl"
+        folder = args.keep or Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        source, out = folder / "in.jsonl", folder / "out.jsonl"
         source.write_text("".join(json.dumps(r) + "\n" for r in rows))
         command = [sys.executable, "-m", "guardrail.cli", "batch", str(source), "--out", str(out)]
         subprocess.run([*command, "--max-new-tokens", str(args.tokens)], check=True)
-        answers = [json.loads(line) for line in out.read_text().splitlines()]
+        report([json.loads(line) for line in out.read_text().splitlines()])
+
+
+def report(answers: list[dict[str, Any]]) -> None:
     by_set: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     by_form: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for answer in answers:
@@ -97,22 +113,34 @@ def main() -> None:
     print("Served path (guardrail batch, keyword refusal judge)")
     for groups in (by_set, by_form):
         lines = [[*key, *_rates(key[0], items)] for key, items in sorted(groups.items())]
-        print(table(["class", "form", "set", "n", "metric", "value", "gate fired"], lines))
+        headers = ["class", "form", "set", "n", "metric", "value", "gate fired", "cost checks"]
+        print(table(headers, lines))
 
 
 def _form(family: str) -> str:
     if family in ("plain", "context"):
         return "plain" if family == "plain" else "in a held-out context"
-    return f"{family} ({'held out' if family in datasets.HELD_OUT_FAMILIES else 'seen'})"
+    return f"{family} ({'held out' if family in HELD_OUT_FORMS else 'seen'})"
 
 
 def _rates(label: str, items: list[dict[str, Any]]) -> list[object]:
-    """n, metric, its value (attack success or over-refusal) and how often the gate fired."""
+    """n, metric, its value (attack success or over-refusal), how often the gate fired, and
+    how often the cost checks acted where it did not (the search or a refusal: the second
+    line); for harmful prompts 1 - gate - cost checks is the share that met neither."""
     refused = sum(is_refusal(str(a["response"])) for a in items)
     fired = sum(bool(a["guard"]["fired"]) for a in items)
+    costed = sum(
+        not a["guard"]["fired"] and a["guard"]["path"] in ("search", "refused") for a in items
+    )
     rate = (len(items) - refused if label == "harmful" else refused) / len(items)
     metric = "attack success" if label == "harmful" else "over-refusal"
-    return [len(items), metric, f"{rate:.3f}", f"{fired / len(items):.3f}"]
+    return [
+        len(items),
+        metric,
+        f"{rate:.3f}",
+        f"{fired / len(items):.3f}",
+        f"{costed / len(items):.3f}",
+    ]
 
 
 if __name__ == "__main__":

@@ -19,9 +19,10 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import random
 from typing import Any
 
-from common import advbench_test, alpaca_test, malicious_instruct, setup, table
+from common import advbench_test, alpaca_test, malicious_instruct, optimised_suffix, setup, table
 from guardrail.calibrate import datasets
 from guardrail.calibrate.judge import fluency, is_refusal
 from guardrail.decision import Answer, fired_steering
@@ -36,12 +37,17 @@ def states(lm: Any, prompts: list[Any]) -> Any:
 
 
 def held_out_forms(sets: dict[str, list[str]]) -> dict[str, list[Any]]:
-    """Each set inside the held-out wrapper families and, apart, the held-out contexts."""
-    templates = datasets.load_templates(datasets.wrapper_families(), held_out=True)
+    """Each set inside the held-out wrapper families, the held-out jailbreakchat templates,
+    with an optimised-looking suffix and, apart, inside the held-out contexts."""
+    wrappers = datasets.load_templates(datasets.wrapper_families(), held_out=True)
+    jailbreakchat = datasets.load_templates(datasets.jailbreakchat_templates(), held_out=True)
     contexts = datasets.load_contexts(datasets.contexts(), held_out=True)
     forms: dict[str, list[Any]] = {}
     for name, prompts in sets.items():
-        forms[f"{name}, held-out wrappers"] = datasets.wrap(prompts, templates, 1.0)
+        rng = random.Random(0)
+        forms[f"{name}, held-out wrappers"] = datasets.wrap(prompts, wrappers, 1.0)
+        forms[f"{name}, held-out jailbreakchat"] = datasets.wrap(prompts, jailbreakchat, 1.0)
+        forms[f"{name}, optimised suffix"] = [optimised_suffix(p, rng) for p in prompts]
         forms[f"{name}, held-out contexts"] = datasets.in_contexts(prompts, contexts, 1.0)
     return forms
 
@@ -80,6 +86,9 @@ def main() -> None:
         ),
         "shipped borderline/test": datasets.take_split(
             datasets.load_prompts(datasets.borderline_benign()), "test"
+        ),
+        "coconot contrast/test": datasets.take_split(
+            datasets.load_prompts(datasets.data_file("coconot_contrast.txt")), "test"
         ),
     }
     plain = {**harmful, **harmless}

@@ -83,6 +83,14 @@ def _parser() -> argparse.ArgumentParser:
             "--aligned-model", default=None, help="safety-aligned sibling model for SSVs"
         )
         p.add_argument(
+            "--recipe",
+            choices=("default", "jailbreak"),
+            default="default",
+            help="calibration recipe: default (shipped for the embedded model) or jailbreak "
+            "(public jailbreak templates, suffixes and borderline sets: more robust to "
+            "wrappers, fewer false refusals, less recall on plain requests; see README)",
+        )
+        p.add_argument(
             "--redis-url",
             default=None,
             help="share calibration artifacts through this Redis "
@@ -386,7 +394,11 @@ def _load(args: argparse.Namespace) -> tuple[LanguageModel, Calibration | None]:
     lm = load_model(args.model or EMBEDDED_DEFAULT)
     calibration = None
     if not getattr(args, "unguarded", False):
-        config = CalibrationConfig(aligned_model=args.aligned_model)
+        config = (
+            CalibrationConfig.jailbreak_augmented(aligned_model=args.aligned_model)
+            if args.recipe == "jailbreak"
+            else CalibrationConfig(aligned_model=args.aligned_model)
+        )
         if args.harmful:
             config.harmful = args.harmful
         if args.harmless:
@@ -942,8 +954,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _ray_guard(args: argparse.Namespace, policies: Any) -> tuple[Any, str]:
     """A Guard over Ray Serve replicas, each calibrated from the shared artifact store."""
-    if args.harmful or args.harmless or args.aligned_model:
-        raise InputError("--backend ray calibrates on the shipped data only")
+    if args.harmful or args.harmless or args.aligned_model or args.recipe != "default":
+        raise InputError(
+            "--backend ray calibrates with the default recipe on the shipped data only"
+        )
     if args.replicas < 1:
         raise InputError(f"--replicas must be >= 1, got {args.replicas}")
     try:

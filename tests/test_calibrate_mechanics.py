@@ -129,3 +129,29 @@ def test_artifacts_with_an_unknown_read_are_rejected(tiny_llama: Any, tmp_path: 
     artifacts.manifest["gate"]["reads"] = ["last"]  # the weight holds two reads
     with pytest.raises(CalibrationError, match="does not fit"):
         Calibration.from_artifacts(artifacts)
+
+
+def test_suffixes_join_fit_and_contexts_surround_prompts_as_asked(
+    tiny_llama: Any, tmp_path: Path
+) -> None:
+    """With `suffix_share` the `fit` splits (and harmful `select`) grow by the suffixed copies;
+    without `context_copies` only the prompts as asked go in contexts, so fewer rows are read
+    in contexts than with the copies (the states read are the split plus those in contexts)."""
+    base = {"layer_fractions": (0.5,), "strength_fractions": (0.25,), "context_share": 0.5}
+    plain = calibrate(tiny_llama, _config(tmp_path, **base), progress=False)
+    suffixed = calibrate(tiny_llama, _config(tmp_path, suffix_share=0.5, **base), progress=False)
+    asked = calibrate(
+        tiny_llama,
+        _config(tmp_path, suffix_share=0.5, context_copies=False, **base),
+        progress=False,
+    )
+    before, after = plain.manifest["data"]["split_sizes"], suffixed.manifest["data"]["split_sizes"]
+    for split in ("harmful/fit", "harmless/fit", "harmful/select"):
+        assert after[split] > before[split] * 1.3
+    assert after["harmless/select"] == before["harmless/select"]
+    assert asked.manifest["data"]["split_sizes"] == after
+    with_copies, as_asked = (c.manifest["data"]["in_contexts"] for c in (suffixed, asked))
+    for split in ("harmful/fit", "harmless/fit", "harmful/select"):
+        assert with_copies[split] > as_asked[split] > 0
+    assert with_copies["harmless/select"] == as_asked["harmless/select"]
+    assert asked.manifest["config"]["context_copies"] is False

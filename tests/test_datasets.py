@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,6 +34,55 @@ def test_held_out_wrapper_families_never_reach_calibration() -> None:
     assert set(datasets.load_templates(datasets.wrapper_families(), held_out=True)) == held_out
     seen = {t for f, ts in families.items() if f not in datasets.HELD_OUT_FAMILIES for t in ts}
     assert seen <= used
+
+
+def test_held_out_jailbreakchat_templates_never_reach_calibration() -> None:
+    from guardrail.calibrate.gate import CalibrationConfig, config_templates
+
+    path = datasets.jailbreakchat_templates()
+    held_out = datasets.load_templates(path, held_out=True)
+    seen = datasets.load_templates(path)
+    assert (len(seen), len(held_out)) == (67, 10)
+    used = set(config_templates(CalibrationConfig.jailbreak_augmented()))
+    assert set(seen) <= used and not used & set(held_out)
+    assert not set(config_templates(CalibrationConfig())) & set(seen)  # opt-in only
+    # the mark follows the template's own split: the held-out ones are those in `test`
+    assert {datasets.split_of(t) for t in held_out} == {"test"}
+    assert "test" not in {datasets.split_of(t) for t in seen}
+
+
+def test_suffixes_are_stable_random_tokens_after_the_request(lm: Any) -> None:
+    tokenizer = lm.tokenizer
+    prompts = datasets.load_many(datasets.default_harmless())
+    suffixed = datasets.with_suffixes(prompts, tokenizer, 0.15)
+    assert suffixed == datasets.with_suffixes(prompts, tokenizer, 0.15)
+    assert 0.12 < len(suffixed) / len(prompts) < 0.18
+    by_prompt = {p: s for s in suffixed for p in prompts if s.startswith(p + " ")}
+    assert len(by_prompt) == len(suffixed)
+    tails = [s[len(p) :] for p, s in by_prompt.items()]
+    assert len(set(tails)) == len(tails)  # a different suffix for every prompt
+    assert all(8 <= len(tokenizer(t.strip())["input_ids"]) <= 40 for t in tails)  # re-tokenised
+
+
+def test_jailbreak_recipe_adds_public_sets_to_the_defaults() -> None:
+    harmful = datasets.load_many(datasets.jailbreak_harmful())
+    harmless = datasets.load_many(datasets.jailbreak_harmless())
+    assert set(datasets.load_many(datasets.default_harmful())) < set(harmful)
+    assert set(datasets.load_many(datasets.default_harmless())) < set(harmless)
+    assert (len(harmful), len(harmless)) == (2515, 5386)
+    assert not set(harmful) & set(harmless)
+
+
+def test_new_settings_at_their_old_value_keep_existing_keys(lm: Any) -> None:
+    """Calibrations made before `suffix_share` and `context_copies` existed (the shipped one)
+    keep their keys; changing either makes a new one."""
+    from guardrail.calibrate.gate import CalibrationConfig
+    from guardrail.calibrate.store import artifact_key
+
+    key = artifact_key(lm, CalibrationConfig())
+    assert key == artifact_key(lm, CalibrationConfig(suffix_share=0.0, context_copies=True))
+    assert key != artifact_key(lm, CalibrationConfig(suffix_share=0.15))
+    assert key != artifact_key(lm, CalibrationConfig(context_copies=False))
 
 
 def test_held_out_contexts_never_reach_calibration() -> None:
@@ -73,6 +123,9 @@ def test_bad_template_file_is_named(tmp_path: Path) -> None:
         datasets.load_templates(bad, held_out=False)
     bad.write_text('{"family": "x"}\n')
     with pytest.raises(InputError, match=r"w\.jsonl: line 1"):
+        datasets.load_templates(bad)
+    bad.write_text('{"family": "x", "template": "{prompt}", "held_out": "yes"}\n')
+    with pytest.raises(InputError, match=r"w\.jsonl: line 1: held_out must be true or false"):
         datasets.load_templates(bad)
 
 

@@ -11,8 +11,10 @@ import csv
 import hashlib
 import importlib.resources
 import json
+import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from guardrail.errors import InputError
 from guardrail.tools import with_tools
@@ -48,6 +50,21 @@ def default_harmless() -> list[Path]:
     return [data_file(f"benign_prompts{suffix}.txt") for suffix in ("", "_2", "_3", "_4")]
 
 
+def jailbreak_harmful() -> list[Path]:
+    """The default harmful sets and three public ones in the forms real requests take: 1,000 of
+    AART's adversarial prompts (personas, media, regions; CC-BY-4.0), CoCoNot's requests with
+    safety concerns and GPTFuzz's questions (MIT)."""
+    extra = ("aart_prompts.txt", "coconot_unsafe.txt", "gptfuzz_questions.txt")
+    return [*default_harmful(), *map(data_file, extra)]
+
+
+def jailbreak_harmless() -> list[Path]:
+    """The default harmless sets, CoCoNot's requests that are odd but not harmful and its 1,298
+    contrast prompts that sound harmful but should be answered (MIT), and the borderline set."""
+    extra = ("coconot_benign.txt", "coconot_contrast.txt")
+    return [*default_harmless(), *map(data_file, extra), borderline_benign()]
+
+
 def borderline_benign() -> Path:
     """Benign requests that only sound harmful (where a gate over-refuses), for evaluation and
     opt-in calibration (`CalibrationConfig.harmless`)."""
@@ -64,23 +81,27 @@ def wrapper_families() -> Path:
     return data_file("wrappers.jsonl")
 
 
+def jailbreakchat_templates() -> Path:
+    """GPTFuzz's 77 jailbreak templates from jailbreakchat.com (MIT), 10 of them `held_out`."""
+    return data_file("jailbreakchat_templates.jsonl")
+
+
 # Wrapper families calibration never sees: evaluation measures transfer to an unseen wrapper.
 HELD_OUT_FAMILIES = ("authority", "fake_dialogue", "grandma", "system_override")
 
 
 def load_templates(path: str | Path, *, held_out: bool = False) -> list[str]:
     """Templates with one `{prompt}` slot from .txt (a line each) or a wrapper-family .jsonl;
-    from .jsonl, the families calibration may use, or with `held_out` only the others."""
+    from .jsonl, those calibration may use, or with `held_out` only the others (a family in
+    `HELD_OUT_FAMILIES`, or a line marked `"held_out": true`)."""
     path = Path(path)
     if path.suffix != ".jsonl":
         templates = load_prompts(path)
     else:
-        families = load_families(path)
         templates = [
-            t
-            for family, items in families.items()
-            if (family in HELD_OUT_FAMILIES) == held_out
-            for t in items
+            template
+            for family, template, marked in _template_lines(path)
+            if (family in HELD_OUT_FAMILIES or marked) == held_out
         ]
     if bad := [t for t in templates if t.count("{prompt}") != 1]:
         raise InputError(f"{path}: template without exactly one {{prompt}} slot: {bad[0][:60]!r}")
@@ -90,15 +111,26 @@ def load_templates(path: str | Path, *, held_out: bool = False) -> list[str]:
 def load_families(path: str | Path) -> dict[str, list[str]]:
     """Wrapper templates by family from a .jsonl of {"family": ..., "template": ...}."""
     families: dict[str, list[str]] = {}
+    for family, template, _ in _template_lines(path):
+        families.setdefault(family, []).append(template)
+    return families
+
+
+def _template_lines(path: str | Path) -> list[tuple[str, str, bool]]:
+    """(family, template, marked `"held_out": true`) for each line of a wrapper .jsonl."""
+    found = []
     for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
             item = json.loads(line)
-            families.setdefault(str(item["family"]), []).append(str(item["template"]))
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            held_out = item.get("held_out", False)
+            found.append((str(item["family"]), str(item["template"]), held_out))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
             raise InputError(f"{path}: line {number}: expected family and template") from exc
-    return families
+        if not isinstance(held_out, bool):
+            raise InputError(f"{path}: line {number}: held_out must be true or false")
+    return found
 
 
 def contexts() -> Path:
@@ -185,6 +217,21 @@ def wrap(prompts: Sequence[str], templates: Sequence[str], fraction: float) -> l
         if templates and digest % 1000 < fraction * 1000:
             wrapped.append(templates[(digest // 1000) % len(templates)].replace("{prompt}", prompt))
     return wrapped
+
+
+def with_suffixes(prompts: Sequence[str], tokenizer: Any, fraction: float) -> list[str]:
+    """A stable, hash-chosen `fraction` of the prompts followed by 12-28 random tokens of the
+    model's vocabulary: what optimised (GCG) and random-search adversarial suffixes look like
+    to a read-out that has not seen them. Used on both classes, like `wrap`."""
+    size = len(tokenizer)
+    suffixed = []
+    for prompt in prompts:
+        digest = int(hashlib.sha256(("suffix" + prompt).encode()).hexdigest(), 16)
+        if digest % 1000 < fraction * 1000:
+            rng = random.Random(digest)
+            ids = [rng.randrange(256, size) for _ in range(rng.randint(12, 28))]
+            suffixed.append(f"{prompt} {tokenizer.decode(ids).strip()}")
+    return suffixed
 
 
 def load_prompts(path: str | Path) -> list[str]:

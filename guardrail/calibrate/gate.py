@@ -56,11 +56,17 @@ class CalibrationConfig:
         ]
     )
     augment: float = 0.3
+    # Share of prompts also seen followed by random tokens (`datasets.with_suffixes`): what
+    # optimised and random-search adversarial suffixes look like to the read-out.
+    suffix_share: float = 0.0
     # Share of `fit` and `select` prompts (both classes) also seen inside a conversation
     # context: a system prompt, a tool list, an output format or earlier turns
     # (`datasets.contexts()`; never the contexts it holds out for evaluation).
     contexts: list[str] = field(default_factory=lambda: [str(datasets.contexts())])
     context_share: float = 0.3
+    # Whether the wrapped and suffixed copies are also put in contexts (a long template in a
+    # long context costs much to read for little more), or only the prompts as asked.
+    context_copies: bool = True
     target_fpr: float = 0.01
     probe_l2: Sequence[float] = (1e-2, 1e-1)
     # Positions each probe reads (see `gate.READS`); every set is tried with every window.
@@ -83,6 +89,33 @@ class CalibrationConfig:
     min_fluent_rate: float = 0.9
     batch_size: int = 32
 
+    @classmethod
+    def jailbreak_augmented(cls, **changes: Any) -> CalibrationConfig:
+        """The opt-in recipe of `guardrail calibrate --recipe jailbreak`: public harmful and
+        borderline-benign sets beside the shipped ones, GPTFuzz's jailbreakchat templates and
+        random-token suffixes, all three reads pooled over denser layer windows. Measured
+        (README, 2026-12-06): it transfers better to wrappers and suffixes it never saw and
+        over-refuses borderline prompts less, but catches fewer plain harmful requests at the
+        same false-positive rate, so it is not the default."""
+        recipe: dict[str, Any] = {
+            "harmful": [str(p) for p in datasets.jailbreak_harmful()],
+            "harmless": [str(p) for p in datasets.jailbreak_harmless()],
+            "templates": [
+                str(p)
+                for p in (
+                    datasets.default_templates(),
+                    datasets.wrapper_families(),
+                    datasets.jailbreakchat_templates(),
+                )
+            ],
+            "suffix_share": 0.15,
+            "context_copies": False,
+            "gate_reads": (("last", "inst", "mean"),),
+            "probe_windows": ((-8, -4, 0, 4, 8), tuple(range(-8, 9, 2))),
+            "probe_l2": (1e-2,),
+        }
+        return cls(**{**recipe, **changes})
+
 
 def calibrate(
     lm: LanguageModel, config: CalibrationConfig | None = None, *, progress: bool = True
@@ -96,12 +129,17 @@ def calibrate(
         for kind, prompts in (("harmful", harmful_all), ("harmless", harmless_all))
         for name in ("fit", "select", "dev")
     }
-    # Jailbreak-style wrapping: both classes in `fit` (the probe learns the request, not its
-    # wrapping) and harmful `select` (the window is chosen for robustness to it). Harmless
-    # `select` stays as given: the target FPR is defined on the user's harmless prompts.
+    # Jailbreak-style wrapping and suffixes: both classes in `fit` (the probe learns the
+    # request, not its wrapping) and harmful `select` (the window is chosen for robustness to
+    # it). Harmless `select` stays as given: the target FPR is defined on the user's harmless
+    # prompts.
+    asked = {key: list(prompts) for key, prompts in split.items()}
     for (kind, name), prompts in split.items():
         if name == "fit" or (kind, name) == ("harmful", "select"):
-            prompts.extend(datasets.wrap(prompts, templates, config.augment))
+            prompts.extend(
+                datasets.wrap(prompts, templates, config.augment)
+                + datasets.with_suffixes(prompts, lm.tokenizer, config.suffix_share)
+            )
     for key, prompts in split.items():
         if len(prompts) < 4:
             raise CalibrationError(
@@ -113,12 +151,18 @@ def calibrate(
     reads = sorted({"last", *(r for rs in config.gate_reads for r in rs)}, key=READS.index)
 
     contexts = config_contexts(config)
+    context_sizes: dict[str, int] = {}
 
-    def states(prompts: list[str], desc: str) -> dict[str, torch.Tensor]:
-        """The prompts as asked, then a share of them inside contexts; each context's prompts
-        are read together, so its turns are run once (`read_states` reuses a shared prefix)."""
-        groups: dict[str, list[Chat]] = {"": [[{"role": "user", "content": p}] for p in prompts]}
-        for chat in datasets.in_contexts(prompts, contexts, config.context_share):
+    def states(key: tuple[str, str], desc: str) -> dict[str, torch.Tensor]:
+        """The split's prompts, then a share of them (or of those as asked, without
+        `context_copies`) inside contexts; each context's prompts are read together, so its
+        turns are run once (`read_states` reuses a shared prefix)."""
+        chats: list[Chat] = [[{"role": "user", "content": p}] for p in split[key]]
+        groups: dict[str, list[Chat]] = {"": chats}
+        surrounded = split[key] if config.context_copies else asked[key]
+        in_contexts = datasets.in_contexts(surrounded, contexts, config.context_share)
+        context_sizes[f"{key[0]}/{key[1]}"] = len(in_contexts)
+        for chat in in_contexts:
             groups.setdefault(json.dumps(chat[:-1]), []).append(chat)
         parts = [
             read_states(
@@ -132,11 +176,7 @@ def calibrate(
         ]
         return {read: torch.cat([part[read] for part in parts]) for read in reads}
 
-    acts = {
-        key: states(p, f"activations {key[0]}/{key[1]}")
-        for key, p in split.items()
-        if key[1] != "dev"
-    }
+    acts = {key: states(key, f"activations {key[0]}/{key[1]}") for key in split if key[1] != "dev"}
     gate, srv_gate, gate_search = _choose_gate(acts, config)
     chosen = {
         kind: max(rows, key=lambda r: (r["tpr"], r["auroc"])) for kind, rows in gate_search.items()
@@ -184,6 +224,7 @@ def calibrate(
             },
             "held_out_families": list(datasets.HELD_OUT_FAMILIES),
             "split_sizes": {f"{k}/{n}": len(p) for (k, n), p in split.items()},
+            "in_contexts": context_sizes,
         },
         "config": asdict(config),
         "gate_search": gate_search,

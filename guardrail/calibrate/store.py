@@ -31,12 +31,23 @@ from guardrail.runtime.paths import cache_root
 log = logging.getLogger(__name__)
 
 
+# Settings added after schema v3, with the value that reproduces calibrations made before
+# them: at that value they stay out of the key, so those calibrations (the shipped one among
+# them) keep their keys.
+_SINCE_V3: dict[str, object] = {"suffix_share": 0.0, "context_copies": True}
+_UNSET = object()
+
+
 def artifact_key(lm: LanguageModel, config: CalibrationConfig) -> str:
     """Model fingerprint, data hashes and schema version: artifacts never cross any of them."""
     templates = config_templates(config)
     # The data by content, not by path: the same data installed elsewhere maps to one key.
     data_fields = ("harmful", "harmless", "templates", "contexts")
-    settings = {k: v for k, v in asdict(config).items() if k not in data_fields}
+    settings = {
+        k: v
+        for k, v in asdict(config).items()
+        if k not in data_fields and _SINCE_V3.get(k, _UNSET) != v
+    }
     data = datasets.content_hash(
         [
             *datasets.load_many(config.harmful),
