@@ -45,10 +45,6 @@ def test_unknown_model(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_unknown_recipe_and_recipe_on_ray(tmp_path: Path) -> None:
+def test_unknown_recipe_is_named(tmp_path: Path) -> None:
     result = run_cli("calibrate", "--recipe", "strict", cwd=tmp_path)
     assert result.returncode == 2 and "invalid choice: 'strict'" in result.stderr
-    result = run_cli("serve", "--backend", "ray", "--recipe", "jailbreak", cwd=tmp_path)
-    assert result.returncode == 2, result.stderr
-    assert "--backend ray calibrates with the default recipe" in result.stderr
-    assert "Traceback" not in result.stderr
