@@ -11,7 +11,7 @@ forms, and both classes are also sent inside conversation contexts calibration n
 `datasets.contexts()`). Every prompt goes through `guardrail batch` (gate, steering, cost
 checks, search: what a user is served); answers are judged by the keyword refusal judge.
 
-    python bench/eval_jailbreaks.py --per-set 20
+    python bench/eval_jailbreaks.py --per-set 20 [--recipe jailbreak]
 """
 
 from __future__ import annotations
@@ -85,6 +85,9 @@ def main() -> None:
     parser.add_argument("--per-set", type=int, default=20, help="plain prompts per set")
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--recipe", default="default", help="calibration recipe (guardrail --recipe)"
+    )
     parser.add_argument("--keep", type=Path, help="keep the batch's input and answers here")
     parser.add_argument(
         "--answers", type=Path, help="report on this batch output instead of running one"
@@ -100,7 +103,8 @@ def main() -> None:
         source, out = folder / "in.jsonl", folder / "out.jsonl"
         source.write_text("".join(json.dumps(r) + "\n" for r in rows))
         command = [sys.executable, "-m", "guardrail.cli", "batch", str(source), "--out", str(out)]
-        subprocess.run([*command, "--max-new-tokens", str(args.tokens)], check=True)
+        options = ["--max-new-tokens", str(args.tokens), "--recipe", args.recipe]
+        subprocess.run([*command, *options], check=True)
         report([json.loads(line) for line in out.read_text().splitlines()])
 
 
