@@ -94,9 +94,8 @@ class CalibrationConfig:
         """The opt-in recipe of `guardrail calibrate --recipe jailbreak`: public harmful and
         borderline-benign sets beside the shipped ones, GPTFuzz's jailbreakchat templates and
         random-token suffixes, all three reads pooled over denser layer windows. Measured
-        (README, 2026-12-06): it transfers better to wrappers and suffixes it never saw and
-        over-refuses borderline prompts less, but catches fewer plain harmful requests at the
-        same false-positive rate, so it is not the default."""
+        (README, 2026-12-06): it refuses far fewer benign requests, wrapped or not, but lets
+        more harmful ones through, plain requests included, so it is not the default."""
         recipe: dict[str, Any] = {
             "harmful": [str(p) for p in datasets.jailbreak_harmful()],
             "harmless": [str(p) for p in datasets.jailbreak_harmless()],
