@@ -32,6 +32,13 @@ def advbench_test() -> list[str]:
     return datasets.take_split(datasets.load_prompts(datasets.advbench()), "test")
 
 
+def shipped_test(name: str) -> list[str]:
+    """The `test` split (never read by calibration) of a prompt file shipped in `guardrail.data`."""
+    from guardrail.calibrate import datasets
+
+    return datasets.take_split(datasets.load_prompts(datasets.data_file(name)), "test")
+
+
 def malicious_instruct() -> list[str]:
     from guardrail.calibrate import datasets
 

@@ -27,16 +27,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common import advbench_test, alpaca_test, malicious_instruct, optimised_suffix, table
+from common import (
+    advbench_test,
+    alpaca_test,
+    malicious_instruct,
+    optimised_suffix,
+    shipped_test,
+    table,
+)
 from guardrail.calibrate import datasets
 from guardrail.calibrate.judge import is_refusal
 
 SEEN_FAMILIES = ("roleplay", "prefix_injection")
 HELD_OUT_FORMS = (*datasets.HELD_OUT_FAMILIES, "jailbreakchat", "optimised_suffix")
-
-
-def shipped_test(name: str) -> list[str]:
-    return datasets.take_split(datasets.load_prompts(datasets.data_file(name)), "test")
 
 
 def forms() -> dict[str, Callable[[str, random.Random], str]]:
@@ -62,11 +65,12 @@ def build(per_set: int, seed: int) -> list[dict[str, Any]]:
         "coconot_contrast/test": shipped_test("coconot_contrast.txt"),
     }
     rows: list[dict[str, Any]] = []
+    made = forms()
 
     def add(label: str, name: str, prompts: list[str]) -> None:
         chosen = rng.sample(prompts, min(per_set, len(prompts)))
         rows.extend({"label": label, "set": name, "family": "plain", "prompt": p} for p in chosen)
-        for family, form in forms().items():
+        for family, form in made.items():
             for p in chosen[: max(per_set // 2, 1)]:
                 rows.append({"label": label, "set": name, "family": family, "prompt": form(p, rng)})
         for p in chosen[: max(per_set // 2, 1)]:

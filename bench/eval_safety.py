@@ -22,7 +22,15 @@ import json
 import random
 from typing import Any
 
-from common import advbench_test, alpaca_test, malicious_instruct, optimised_suffix, setup, table
+from common import (
+    advbench_test,
+    alpaca_test,
+    malicious_instruct,
+    optimised_suffix,
+    setup,
+    shipped_test,
+    table,
+)
 from guardrail.calibrate import datasets
 from guardrail.calibrate.judge import fluency, is_refusal
 from guardrail.decision import Answer, fired_steering
@@ -75,21 +83,15 @@ def main() -> None:
     harmful = {
         "advbench/test": advbench_test(),
         "malicious_instruct": malicious_instruct(),
-        "shipped harmful_requests/test": datasets.take_split(
-            datasets.load_prompts(datasets.default_harmful()[1]), "test"
-        ),
+        "shipped harmful_requests/test": shipped_test("harmful_requests.txt"),
     }
     harmless = {
         "alpaca/test": alpaca_test(args.alpaca or None),
         "shipped benign/test": datasets.take_split(
             datasets.load_many(datasets.default_harmless()), "test"
         ),
-        "shipped borderline/test": datasets.take_split(
-            datasets.load_prompts(datasets.borderline_benign()), "test"
-        ),
-        "coconot contrast/test": datasets.take_split(
-            datasets.load_prompts(datasets.data_file("coconot_contrast.txt")), "test"
-        ),
+        "shipped borderline/test": shipped_test("borderline_benign.txt"),
+        "coconot contrast/test": shipped_test("coconot_contrast.txt"),
     }
     plain = {**harmful, **harmless}
     harmful.update(held_out_forms({k: harmful[k] for k in ("advbench/test", "malicious_instruct")}))
