@@ -10,17 +10,28 @@ computed), guarded with the MiniLM probe (checks embed the answer so far). Benig
 <= 1.02); harmful prompts show the cost of the path they take: refused at the gate under the
 shipped `auto`, or steered under `on_fire: steer`.
 
-    python bench/bench_overhead.py [--batch 16] [--tokens 64] [--repeats 5]
+Beside the ratio of medians: each repeat's ratio to the unguarded run just before or after
+it, their geometric mean and 95% interval, which says whether a ratio is within the noise;
+and the ratio of median CPU time (the process's, all threads), which time stolen by other
+tenants of a shared machine does not inflate.
+
+With `--threads 1` the model runs on one core: its CPU time is then the work done, which
+neither other tenants nor a second thread's spin-waiting inflates.
+
+    python bench/bench_overhead.py [--batch 16] [--tokens 64] [--repeats 5] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import statistics
 import time
 from collections.abc import Sequence
 from typing import Any
+
+import torch
 
 from common import advbench_test, alpaca_test, setup, table
 from guardrail.calibrate.store import load_or_calibrate_safety
@@ -54,7 +65,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch threads (0: torch's default, all cores)"
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     lm, calibration = setup()
     safety = load_or_calibrate_safety(lm, calibration)
     policy = {
@@ -67,6 +83,7 @@ def main() -> None:
                 lm,
                 calibration,
                 max_batch=args.batch,
+                torch_threads=args.threads or None,
                 scorers=safety.scorers(lm, cache=Uncached(), cost=name),
             ),
             policies=policy,
@@ -90,15 +107,17 @@ def main() -> None:
     for set_name, prompts in sets.items():
         chosen = {n: v for n, v in variants.items() if set_name == "harmful" or v[2] != "steer"}
         times: dict[str, list[float]] = {name: [] for name in chosen}
+        cpu: dict[str, list[float]] = {name: [] for name in chosen}
         paths: dict[str, dict[str, int]] = {}
         order = list(chosen.items())
         for repeat in range(args.repeats):  # interleave and rotate: drift hits all alike
             for name, (guard, guarded, tenant) in (
                 order[repeat % len(order) :] + order[: repeat % len(order)]
             ):
-                started = time.perf_counter()
+                started, used = time.perf_counter(), time.process_time()
                 answers = asyncio.run(answer_all(guard, prompts, guarded, tenant, args.tokens))
                 times[name].append(time.perf_counter() - started)
+                cpu[name].append(time.process_time() - used)
                 counts: dict[str, int] = {}
                 for answer in answers:
                     counts[answer.decision.path] = counts.get(answer.decision.path, 0) + 1
@@ -107,11 +126,62 @@ def main() -> None:
         for name in chosen:
             median = statistics.median(times[name])
             shown = " ".join(f"{p}={n}" for p, n in sorted(paths[name].items()))
-            rows.append([set_name, name, shown, median, median / base])
+            cpu_ratio = statistics.median(cpu[name]) / statistics.median(cpu["unguarded"])
+            paired_ratio, interval = paired(times, name)
+            rows.append(
+                [set_name, name, shown, median, median / base, paired_ratio, interval, cpu_ratio]
+            )
     for guard in guards.values():
         guard.close()
     print(f"{args.batch} concurrent requests, {args.tokens} new tokens, median of {args.repeats}")
-    print(table(["prompts", "variant", "paths", "seconds", "ratio vs unguarded"], rows))
+    headers = ["prompts", "variant", "paths", "seconds", "ratio vs unguarded"]
+    print(table([*headers, "paired ratio", "95% interval", "CPU-time ratio"], rows))
+
+
+def paired(times: dict[str, list[float]], name: str) -> tuple[float, str]:
+    """Each repeat's ratio to the unguarded arm of the same repeat (run back to back, so
+    drift between repeats cancels): their geometric mean and its 95% interval (t, log scale)."""
+    logs = [math.log(t / u) for t, u in zip(times[name], times["unguarded"], strict=True)]
+    mean = statistics.mean(logs)
+    if len(logs) < 3:
+        return math.exp(mean), "-"
+    half = T95[min(len(logs) - 1, len(T95)) - 1] * statistics.stdev(logs) / len(logs) ** 0.5
+    return math.exp(mean), f"{math.exp(mean - half):.3f}-{math.exp(mean + half):.3f}"
+
+
+# Student's t, two-sided 95%, for 1..30 degrees of freedom (beyond: the last).
+T95 = [
+    12.71,
+    4.30,
+    3.18,
+    2.78,
+    2.57,
+    2.45,
+    2.36,
+    2.31,
+    2.26,
+    2.23,
+    2.20,
+    2.18,
+    2.16,
+    2.14,
+    2.13,
+    2.12,
+    2.11,
+    2.10,
+    2.09,
+    2.09,
+    2.08,
+    2.07,
+    2.07,
+    2.06,
+    2.06,
+    2.06,
+    2.05,
+    2.05,
+    2.05,
+    2.04,
+]
 
 
 if __name__ == "__main__":

@@ -1,24 +1,31 @@
-"""InferenceGuard against its baselines, one prompt at a time, on held-out prompts.
+"""InferenceGuard as the worker serves it, against its baselines, on held-out prompts.
 
 For each method: safety rate (returned answer within budget under the calibrated cost model
 at every `check` tokens and at its end, as the guard's stream checks it), mean proxy reward
 (of all answers, and of those within budget), mean cost (the highest at those checks),
 keyword refusal rate, candidates scored, tokens sampled, and p50 latency over base generation
-of the same max tokens. Methods at equal compute: best-of-N samples N = K x S whole answers
-(`--bon` overrides), the same number of tokens as a beam search of K x S candidates a round
-that reaches full length, and the same number of finished answers to pick from; all rank by
-the same path cost:
+of the same max tokens.
 
-- base: greedy; steered: greedy with the calibrated steering forced on;
+The guard's rows are the served path: one request at a time through a `LocalWorker` (the
+gate forced off, so that every harmful prompt reaches the cost checks), which decodes, checks
+each `check`-token chunk and, at the first chunk over budget, continues in the search from
+the row's own KV cache (`SearchSettings`: K beams x S samples per `width` tokens), or ends
+with the refusal text. base and steered go through the same worker (steered: the gate forced
+to fire with `on_fire: steer`). The baselines are methods the guard does not serve, run
+directly at equal compute: best-of-N samples N = K x S whole answers (`--bon` overrides),
+the same number of tokens as a search of K x S candidates a round that reaches full length;
+all rank by the same path cost:
+
+- base: greedy, unguarded; steered: greedy with the calibrated steering;
 - best-of-N, Lagrangian: N full samples, pick max reward - lambda * cost;
 - best-of-N, augmented: N full samples, pick max reward-if-within-budget;
-- beam, augmented: K beams x S samples per `width` tokens, ranked by augmented reward;
-- InferenceGuard without critic: the beam search kept to candidates within budget, with
-  penalised resampling and the refusal text as the last resort;
+- beam, augmented: K beams x S samples per `width` tokens from the start, ranked by augmented
+  reward (no budget filter);
+- InferenceGuard without critic: the worker's search ranked by augmented reward;
 - InferenceGuard with critic: the same, ranked by the latent critic.
 
 Under each table: InferenceGuard with critic minus best-of-N augmented in reward, paired by
-prompt (mean and two standard errors), the comparison the issue's target is about.
+prompt (mean and two standard errors).
 
 Then: the share of benign requests that take the search path through the Guard with the
 default policy (`--benign-search N` Alpaca test prompts), and the cost model's accuracy and
@@ -45,11 +52,15 @@ from guardrail.budget.search import SearchSettings, path_cost, run, search
 from guardrail.calibrate.judge import is_refusal
 from guardrail.calibrate.store import default_store, load_or_calibrate_safety
 from guardrail.decision import DEFAULT_REFUSAL
-from guardrail.runtime.forward import Sampling, decode, prefill, steered_generate
+from guardrail.runtime.forward import Sampling
 from guardrail.serve.guard import Guard
+from guardrail.serve.worker import LocalWorker, Request, answer_all
+
+# A method the worker serves: (gate, search settings or None); the rest are run directly.
+Served = tuple[str, SearchSettings | None]
 
 
-def methods(args: argparse.Namespace) -> dict[str, SearchSettings | str]:
+def methods(args: argparse.Namespace) -> dict[str, SearchSettings | Served]:
     beam = SearchSettings(
         width=args.width,
         samples=args.samples,
@@ -62,49 +73,54 @@ def methods(args: argparse.Namespace) -> dict[str, SearchSettings | str]:
         width=args.tokens, samples=n, beams=1, rounds=1, strict=False, check=args.check
     )
     return {
-        "base": "base",
-        "steered": "steered",
+        "base": ("off", None),
+        "steered": ("steer", None),
         f"best-of-{n}, Lagrangian": SearchSettings(**{**vars(bon), "score": "lagrangian"}),
         f"best-of-{n}, augmented": SearchSettings(**{**vars(bon), "score": "augmented"}),
         "beam, augmented": SearchSettings(
             **{**vars(beam), "score": "augmented", "strict": False, "resample": False}
         ),
-        "InferenceGuard, no critic": SearchSettings(**{**vars(beam), "score": "augmented"}),
-        "InferenceGuard, critic": SearchSettings(**{**vars(beam), "score": "critic"}),
+        "InferenceGuard, no critic": (
+            "off",
+            SearchSettings(**{**vars(beam), "score": "augmented"}),
+        ),
+        "InferenceGuard, critic": ("off", SearchSettings(**{**vars(beam), "score": "critic"})),
     }
 
 
 def answer(
     lm: Any,
-    calibration: Any,
+    worker: LocalWorker,
     scorers: Any,
-    method: SearchSettings | str,
+    method: SearchSettings | Served,
     prompt: str,
     tokens: int,
     seed: int,
     budget: float,
 ) -> tuple[list[int], int, int]:
     """The answer's tokens, the candidates scored to find it and the tokens sampled."""
-    text = lm.format_chat(prompt)
-    sampling = Sampling(max_new_tokens=tokens)
-    if method == "base":
-        out = decode(lm, prefill(lm, [text]), sampling)[0]
-        return out, 0, len(out)
-    if method == "steered":
-        setting = calibration.steering
-        out = steered_generate(
-            lm,
-            [text],
-            calibration.steering_vectors(setting),
-            torch.tensor([setting.strength]),
-            sampling,
-        )[0]
-        return out, 0, len(out)
-    assert isinstance(method, SearchSettings)
+    if isinstance(method, tuple):
+        gate, settings = method
+        request = Request(
+            prompt,
+            Sampling(max_new_tokens=tokens, seed=seed),
+            gate_threshold=float("-inf") if gate == "steer" else float("inf"),
+            on_fire="steer",
+            budget=budget if settings else None,
+            search=settings,
+        )
+        [item] = answer_all(worker, [request], timeout=3600)
+        if isinstance(item.outcome, BaseException):
+            raise item.outcome
+        assert item.outcome is not None
+        decision = item.outcome.decision
+        assert gate != "steer" or decision.path == "steered", decision
+        out = lm.tokenizer(item.outcome.text, add_special_tokens=False)["input_ids"]
+        return out, decision.candidates, decision.new_tokens + decision.search_tokens
     result = run(
         search(
             lm,
-            text,
+            lm.format_chat(prompt),
             prompt,
             scorers,
             method,
@@ -119,7 +135,7 @@ def answer(
     return result.tokens, result.candidates, result.sampled
 
 
-def compare(lm: Any, calibration: Any, scorers: Any, args: argparse.Namespace) -> None:
+def compare(lm: Any, worker: LocalWorker, scorers: Any, args: argparse.Namespace) -> None:
     harmful = (
         advbench_test()[::3][: args.harmful // 2] + malicious_instruct()[::7][: args.harmful // 2]
     )
@@ -137,7 +153,7 @@ def compare(lm: Any, calibration: Any, scorers: Any, args: argparse.Namespace) -
             for i, prompt in enumerate(prompts):
                 started = time.perf_counter()
                 tokens, scored, drawn = answer(
-                    lm, calibration, scorers, method, prompt, args.tokens, i, args.budget
+                    lm, worker, scorers, method, prompt, args.tokens, i, args.budget
                 )
                 seconds.append(time.perf_counter() - started)
                 answers.append(tokens)
@@ -264,7 +280,11 @@ def main() -> None:
     )
     scorers = models.scorers(lm)
     if args.harmful or args.benign:
-        compare(lm, calibration, scorers, args)
+        worker = LocalWorker(lm, calibration, scorers=scorers, chunk_tokens=args.check, join=False)
+        try:
+            compare(lm, worker, scorers, args)
+        finally:
+            worker.close()
     if args.benign_search:
         benign_search_rate(lm, calibration, args.benign_search, 64)
 

@@ -1,16 +1,19 @@
 """Safety figures of the embedded default on held-out data, one table per question.
 
-1. Gate: TPR on held-out harmful prompts and FPR on held-out harmless prompts, for the
-   chosen probe and for the InferAligner SRV baseline at its own best layer: as asked, in
+1. Gate: TPR on held-out harmful prompts and FPR on held-out harmless prompts: as asked, in
    the wrapper families calibration never saw, and inside the conversation contexts it
-   never saw (system prompts, tool lists, output formats, earlier turns).
+   never saw (system prompts, tool lists, output formats, earlier turns). The shipped gate's
+   figures are the decisions the worker makes (each prompt through `Guard`, one new token:
+   the gate reads the prefill); the InferAligner SRV baseline at its own best layer, which
+   the guard does not serve, is read from the same prompts' states directly.
 2. Answers: keyword-judged refusal rate of unguarded, guarded (policy `auto`) and forced
    steered answers on held-out harmful prompts, plus steered samples to read. Answers come
    from the served path: `Guard` and its worker under the shipped default policy (cost
    checks and search included), with no deadline (a deadline's answer is the refusal text,
    which would count as a refusal); `steer` is that policy with `on_fire: steer`.
 
-    python bench/eval_safety.py [--alpaca 2000] [--tokens 48] [--samples 8]
+    python bench/eval_safety.py [--alpaca 2000] [--tokens 48] [--samples 8] [--plain]
+        [--no-baseline] [--skip-gate | --skip-answers]
 """
 
 from __future__ import annotations
@@ -78,6 +81,10 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--skip-gate", action="store_true", help="only the answers table")
     parser.add_argument("--skip-answers", action="store_true", help="only the gate table")
+    parser.add_argument(
+        "--plain", action="store_true", help="no held-out wrappers, templates or contexts"
+    )
+    parser.add_argument("--no-baseline", action="store_true", help="no SRV baseline rows")
     args = parser.parse_args()
     lm, calibration = setup()
     harmful = {
@@ -94,35 +101,43 @@ def main() -> None:
         "coconot contrast/test": shipped_test("coconot_contrast.txt"),
     }
     plain = {**harmful, **harmless}
-    harmful.update(held_out_forms({k: harmful[k] for k in ("advbench/test", "malicious_instruct")}))
-    harmless.update(
-        held_out_forms({k: harmless[k] for k in ("shipped benign/test", "shipped borderline/test")})
-    )
-    read = {} if args.skip_gate else {n: states(lm, p) for n, p in {**harmful, **harmless}.items()}
+    if not args.plain:
+        pairs = ("advbench/test", "malicious_instruct")
+        harmful.update(held_out_forms({k: harmful[k] for k in pairs}))
+        pairs = ("shipped benign/test", "shipped borderline/test")
+        harmless.update(held_out_forms({k: harmless[k] for k in pairs}))
+    shipped = dataclasses.replace(TenantPolicy.default(), timeout=None, allow_unguarded=True)
+    policies = {"default": shipped, "steer": dataclasses.replace(shipped, on_fire="steer")}
+    everything = {**harmful, **harmless}
+    queue = max(len(p) for p in everything.values())
+    guard = Guard(lm, calibration, policies=policies, max_batch=32, max_queue=queue)
     rows = []
-    for gate in (calibration.gate, calibration.srv_gate):
-        for set_name, acts in read.items():
-            prompts = {**harmful, **harmless}[set_name]
-            metric = "TPR" if set_name in harmful else "FPR"
-            hits = int(gate.fires(gate.read(acts)).sum())
+    gates = [] if args.skip_gate else [calibration.gate, calibration.srv_gate]
+    gates = gates[:1] if args.no_baseline else gates
+    for gate in gates:
+        served = gate is calibration.gate
+        for set_name, prompts in everything.items():
+            if served:
+                hits = sum(a.decision.fired for a in answers(guard, prompts, max_new_tokens=1))
+            else:
+                hits = int(gate.fires(gate.read(states(lm, prompts))).sum())
             rows.append(
                 [
-                    f"{gate.kind} {'+'.join(gate.reads)} @ layers {list(gate.layers)}",
+                    f"{'served: ' if served else 'baseline: '}{gate.kind} "
+                    f"{'+'.join(gate.reads)} @ layers {list(gate.layers)}",
                     set_name,
                     f"{hits}/{len(prompts)}",
-                    metric,
+                    "TPR" if set_name in harmful else "FPR",
                     f"{hits / len(prompts):.4f}",
                 ]
             )
     print("Gate on held-out prompts (threshold set on the calibration `select` split)")
     print(table(["read-out", "set", "fired/n", "metric", "value"], rows))
     if args.skip_answers:
+        guard.close()
         return
 
     all_harmful = [p for name in harmful if name in plain for p in harmful[name]]
-    shipped = dataclasses.replace(TenantPolicy.default(), timeout=None, allow_unguarded=True)
-    policies = {"default": shipped, "steer": dataclasses.replace(shipped, on_fire="steer")}
-    guard = Guard(lm, calibration, policies=policies, max_batch=32, max_queue=len(all_harmful))
     tokens = {"max_new_tokens": args.tokens}
     action = "steer" if fired_steering(calibration, shipped.on_fire) else "refuse"
     results = {

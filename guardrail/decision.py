@@ -39,6 +39,7 @@ class Decision:
     budget: float | None = None  # the tenant's safety budget (None: no cost check)
     candidates: int = 0  # candidates the search scored
     rounds: int = 0  # search rounds, resampled ones included
+    search_tokens: int = 0  # tokens the search sampled (its compute beside `new_tokens`)
     # The probability that the answer's first token is the request's `probe` (e.g. the opening
     # of a tool call), read from the prefill logits; None: no probe asked.
     first_token_prob: float | None = None

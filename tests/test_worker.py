@@ -309,6 +309,9 @@ def test_over_budget_chunk_continues_in_search(llama: Any, llama_cal: Calibratio
     worker.close()
     searched = answers[1]
     assert searched.decision.path == "search" and searched.decision.candidates >= 4
+    # Each candidate samples up to `width` tokens: the record says what the search cost.
+    assert searched.decision.candidates <= searched.decision.search_tokens
+    assert searched.decision.search_tokens <= 4 * searched.decision.candidates
     assert searched.decision.cost == 0.0 and not searched.text.startswith(second_chunk)
     assert searched.text.startswith(str(llama.tokenizer.decode(tokens[:4])).strip())
     assert worker.stats.searches == 1

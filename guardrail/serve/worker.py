@@ -798,6 +798,7 @@ class LocalWorker:
             self._refuse(job, "search_error")
             return
         job.decision.candidates, job.decision.rounds = result.candidates, result.rounds
+        job.decision.search_tokens = result.sampled
         job.decision.timings_ms.update(result.timings_ms)
         if result.tokens is None:
             self._refuse(job, "no_answer_within_budget")
