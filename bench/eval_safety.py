@@ -109,7 +109,7 @@ def main() -> None:
     shipped = dataclasses.replace(TenantPolicy.default(), timeout=None, allow_unguarded=True)
     policies = {"default": shipped, "steer": dataclasses.replace(shipped, on_fire="steer")}
     everything = {**harmful, **harmless}
-    queue = max(len(p) for p in everything.values())
+    queue = sum(len(p) for p in everything.values())  # the most submitted at once, bounded
     guard = Guard(lm, calibration, policies=policies, max_batch=32, max_queue=queue)
     rows = []
     gates = [] if args.skip_gate else [calibration.gate, calibration.srv_gate]
