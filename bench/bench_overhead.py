@@ -83,16 +83,22 @@ def main() -> None:
                 calibration,
                 max_batch=args.batch,
                 torch_threads=args.threads or None,
-                scorers=safety.scorers(lm, cache=Uncached(), cost=name),
+                scorers=safety.scorers(lm, cache=Uncached(), cost=cost),
+                checks_beside=beside,
             ),
             policies=policy,
         )
-        for name in ("latent", "minilm")
+        for name, cost, beside in (
+            ("latent", "latent", True),
+            ("minilm", "minilm", True),
+            ("minilm inline", "minilm", False),
+        )
     }
     variants = {
         "unguarded": (guards["latent"], False, "default"),
         "guarded, latent cost": (guards["latent"], True, "default"),
         "guarded, minilm cost": (guards["minilm"], True, "default"),
+        "guarded, minilm cost, checks inline": (guards["minilm inline"], True, "default"),
         "steered, latent cost": (guards["latent"], True, "steer"),
         "steered, minilm cost": (guards["minilm"], True, "steer"),
     }
@@ -104,7 +110,11 @@ def main() -> None:
     sets = {"benign": benign, "harmful": advbench_test()[: args.batch]}
     rows = []
     for set_name, prompts in sets.items():
-        chosen = {n: v for n, v in variants.items() if set_name == "harmful" or v[2] != "steer"}
+        chosen = {  # harmful: the paths they take; benign: where the checks run
+            n: v
+            for n, v in variants.items()
+            if ("inline" not in n if set_name == "harmful" else v[2] != "steer")
+        }
         times: dict[str, list[float]] = {name: [] for name in chosen}
         cpu: dict[str, list[float]] = {name: [] for name in chosen}
         paths: dict[str, dict[str, int]] = {}

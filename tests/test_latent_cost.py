@@ -82,6 +82,24 @@ def test_worker_scores_checks_from_decode_states_as_a_full_pass_would(
     assert answer.decision.new_tokens == 10
 
 
+@pytest.mark.parametrize("read", ["last", "mean"])
+def test_a_stripped_final_answer_reads_an_earlier_step(llama: Any, read: str) -> None:
+    """This tiny model's answer to this prompt ends in spaces at 22 tokens. The answer is
+    returned stripped, so that text is checked too: it is the answer's first tokens, whose
+    states a recent decode step recorded. No pass over it, and the cost a pass gives."""
+    cost = CountingLatent(llama, read)
+    worker = LocalWorker(llama, None, chunk_tokens=3, scorers=Scorers(cost))
+    prompt = "Name three colours."
+    request = Request(prompt, Sampling(max_new_tokens=22), guarded=False, budget=100.0)
+    chunks, answer = _answer(worker, request)
+    worker.close()
+    whole = "".join(chunks)
+    assert whole != whole.rstrip() and answer.text == whole.strip()
+    assert cost.from_text == []
+    again = LatentCost(llama, cost.layers, cost.weight, cost.bias, read=read)
+    assert again.cost([prompt], [answer.text]) == pytest.approx(cost.from_states[-1:], abs=1e-3)
+
+
 def test_held_back_text_is_scored_by_text(llama: Any) -> None:
     cost = CountingLatent(llama)
     worker = LocalWorker(llama, None, chunk_tokens=3, scorers=Scorers(cost))

@@ -175,6 +175,28 @@ def test_checks_fall_every_chunk_and_the_limit_is_final() -> None:
     assert s2.after_token(e2, stopped=False) == "final"
 
 
+def test_a_check_in_flight_moves_the_next_check_a_chunk_on() -> None:
+    """While a check runs beside the decode the row keeps decoding; its next check falls a
+    chunk after the text in flight, and a search or a passed check clears it."""
+    s = Scheduler(chunk_tokens=4)
+    e = entry("r", max_new_tokens=100)
+    verdicts = [s.after_token(e, stopped=False) for _ in range(5)]
+    assert verdicts[-1] == "check"
+    s.check_sent(e, 4)
+    assert e.released == 0 and e.checking == 4
+    seen = [s.after_token(e, stopped=False) for _ in range(4)]  # tokens 6-9
+    assert seen == ["keep", "keep", "keep", "check"]  # token 9: tokens 5-8 are a chunk
+    s.checked(e, 4)
+    assert (e.released, e.checking) == (4, None)
+    s.check_sent(e, 8)
+    s.checked(e, 4)  # an older outcome does not clear a newer check in flight
+    assert e.checking == 8
+    s.add(e)
+    s.joined(s.plan(0.0).admit)
+    s.to_search(e)
+    assert e.checking is None and e.phase == "searching"
+
+
 def test_stop_and_state_reads_at_the_limit() -> None:
     s = Scheduler(chunk_tokens=16)
     e = entry("r", max_new_tokens=3)

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -191,6 +192,45 @@ class ScriptedCost:
         self.calls.append(list(responses))
         over = len(self.calls) == self.over_on_call
         return [9.0 if over or response == "OVER" else 0.0 for response in responses]
+
+
+class ThreadRecordingCost(ScriptedCost):
+    """`ScriptedCost` that also records the thread each text was scored on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: list[str] = []
+
+    def cost(self, prompts: list[str], responses: list[str]) -> list[float]:
+        self.threads += [threading.current_thread().name] * len(responses)
+        return super().cost(prompts, responses)
+
+
+def test_mid_answer_checks_run_beside_the_decode(llama: Any, llama_cal: Calibration) -> None:
+    """A cost model that does not run the target model checks mid-answer text on the check
+    thread while the rows keep decoding: the same chunks, answers and checked texts as when
+    the decode waits for each check. Final checks run on the model thread, before the answer
+    is returned."""
+    seen = {}
+    for beside in (False, True):
+        cost = ThreadRecordingCost()
+        worker = LocalWorker(
+            llama, llama_cal, chunk_tokens=3, scorers=Scorers(cost), checks_beside=beside
+        )
+        requests = [
+            Request(p, Sampling(max_new_tokens=8 + 3 * i), guarded=False, budget=5.0)
+            for i, p in enumerate(PROMPTS[:4])
+        ]
+        items = answer_all(worker, requests, timeout=60)
+        worker.close()
+        answers = [(item.chunks, item.outcome.text) for item in items]  # type: ignore[union-attr]
+        checked = sorted(text for call in cost.calls for text in call)
+        seen[beside] = answers, checked, cost.threads, worker.stats.checks_beside
+    (answers, checked, threads, count), (answers2, checked2, threads2, count2) = seen.values()
+    assert answers2 == answers and checked2 == checked
+    assert count == 0 and set(threads) == {"guardrail-worker"}
+    assert count2 >= 8 and sum(t.startswith("guardrail-checks") for t in threads2) == count2
+    assert threads2.count("guardrail-worker") >= len(requests)  # each answer's final check
 
 
 def test_stream_releases_only_chunks_within_budget(llama: Any, llama_cal: Calibration) -> None:

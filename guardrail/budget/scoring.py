@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -109,13 +110,15 @@ class _Classifier:
         self.name = f"classifier:{source}"
         self.fingerprint = f"{source}:{index}:{scale}:{shift}"
         self.reads_prompt = True
+        self._lock = threading.Lock()  # one call at a time (see `Embedder`)
 
     @torch.inference_mode()
     def scores(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-        batch = self.tokenizer(
-            list(prompts), list(responses), padding=True, truncation=True, return_tensors="pt"
-        )
-        logits = self.model(**batch).logits.float()[:, self.index]
+        with self._lock:
+            batch = self.tokenizer(
+                list(prompts), list(responses), padding=True, truncation=True, return_tensors="pt"
+            )
+            logits = self.model(**batch).logits.float()[:, self.index]
         return [float(v) for v in self.scale * logits + self.shift]
 
 

@@ -8,6 +8,7 @@ the package is located without importing anything heavy, and nothing is download
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -44,13 +45,20 @@ class Embedder:
             ) from exc
         self.model.train(False)
         self.max_length, self.batch_size = max_length, batch_size
+        # One call at a time: the worker's check thread and its model thread (search
+        # candidates, final checks) share it, and a fast tokenizer is not safe across threads.
+        self._lock = threading.Lock()
         self.dim = int(self.model.config.hidden_size)
         self.fingerprint = hashlib.sha256(
             f"{source}:{self.dim}:{self.model.config.num_hidden_layers}".encode()
         ).hexdigest()[:12]
 
-    @torch.inference_mode()
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        with self._lock:
+            return self._embed(texts)
+
+    @torch.inference_mode()
+    def _embed(self, texts: Sequence[str]) -> torch.Tensor:
         out = []
         for start in range(0, len(texts), self.batch_size):
             batch = self.tokenizer(

@@ -11,9 +11,10 @@ fake executor (tests/test_scheduler.py). `LocalWorker` is the loop around it:
    while nothing runs the first arrival waits up to `max_wait` for a batch to fill.
 2. `joined(rows)`: admitted rows that decode (the others were answered at admission).
 3. per decoding row and its new token: `ends_now` / `after_token` say whether the row
-   keeps decoding, is due for a cost check of its next chunk, or is final; `checked`
-   records a check's outcome (text released up to `end`), `to_search` hands a row that went
-   over budget to the search lane, `finish` ends a row.
+   keeps decoding, is due for a cost check of its next chunk, or is final; `check_sent`
+   records a check that runs beside the decode (the row keeps decoding; its next check
+   falls a chunk later), `checked` a check's outcome (text released up to `end`),
+   `to_search` hands a row that went over budget to the search lane, `finish` ends a row.
 4. `kept(rows)`: which of this step's rows stay in the decode batch.
 5. `searching`: search rows, each advanced one pass per loop turn between the decode steps
    of everyone else, so a search never stalls the batch.
@@ -56,6 +57,7 @@ class Entry:
     phase: Phase = "waiting"
     tokens: int = 0  # answer tokens picked
     released: int = 0  # answer tokens whose text passed its check
+    checking: int | None = None  # a check of the first `checking` tokens is in flight
     reading_last: bool = False
 
 
@@ -200,21 +202,30 @@ class Scheduler:
         if stopped:
             return "final"
         # The newest token waits for the next check: its text may change with what follows.
-        if entry.tokens - 1 - entry.released >= self.chunk_tokens:
+        covered = entry.released if entry.checking is None else entry.checking
+        if entry.tokens - 1 - covered >= self.chunk_tokens:
             return "check"
         return "keep"
+
+    @staticmethod
+    def check_sent(entry: Entry, end: int) -> None:
+        """A check of the first `end` tokens runs beside the decode; the row keeps decoding,
+        and its next check falls a chunk after `end` (it waits for this one's outcome)."""
+        entry.checking = end
 
     @staticmethod
     def checked(entry: Entry, end: int) -> None:
         """The answer's first `end` tokens passed their check and were released."""
         entry.released = end
+        if entry.checking is not None and entry.checking <= end:
+            entry.checking = None
 
     def to_search(self, entry: Entry) -> None:
         """A row whose next chunk went over budget continues in the search lane."""
         if entry in self.running:
             self.running.remove(entry)
         entry.phase = "searching"
-        entry.reading_last = False
+        entry.reading_last, entry.checking = False, None
         self.searching.append(entry)
 
     def finish(self, entry: Entry) -> None:

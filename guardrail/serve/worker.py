@@ -32,9 +32,14 @@ every device and dtype decision), and reports the outcome back:
    released. The latent cost model reads the states the decode steps already computed (a
    hook keeps each row's running sum at its layers), so a chunk is checked one step after
    its last token, once the model has read it (an answer at its token limit waits one step
-   for that); text it cannot read that way (a stop-string cut, a steered row, a search's
-   answer) is run through the model. A row over budget leaves the batch for the search
-   lane (InferenceGuard), or ends with the refusal text when the tenant has no search. The
+   for that; its stripped final text reads an earlier step's states); text it cannot read
+   that way (a stop-string cut, a steered row, a search's answer) is run through the model.
+   A cost model that does not run the target model (the MiniLM probe, a classifier) checks
+   mid-answer text on a check thread of its own while the row keeps decoding (on a GPU the
+   decode never waits for it); the chunk is released when its check passes, and the row's
+   next check or its end waits for the outcome. A row over budget leaves the batch for the
+   search lane (InferenceGuard), or ends with the refusal text when the tenant has no search
+   (a check that ran beside the decode: from its last released prefix, as any other). The
    search continues from the row's own KV cache, cut back to its last prefix within budget,
    and its own token ids (nothing is re-tokenised or run again but that prefix's last
    token); its proxy reward reads each token's log-probability from the logits it was
@@ -56,8 +61,9 @@ import logging
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Generator, Sequence
-from concurrent.futures import CancelledError
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -181,17 +187,18 @@ class _Job:
     finished: bool = False
     query: str = ""  # what the cost model reads as the prompt: the last user message
     searched: bool = False
-    # The latent cost model's layers at the last token fed to the model (`mean`: summed over
-    # the answer's tokens), and how many answer tokens that is: a check of exactly those
-    # tokens reads them instead of a forward pass.
-    state: torch.Tensor | None = None
-    state_tokens: int = -1
+    # The latent cost model's layers at the last few tokens fed to the model (`mean`: summed
+    # over the answer's tokens), each with how many answer tokens it covers: a check of
+    # exactly those tokens reads them instead of a forward pass (a final answer stripped of
+    # its trailing newlines reads an earlier one).
+    states: deque[tuple[int, torch.Tensor]] = field(default_factory=lambda: deque(maxlen=4))
     scorers: Scorers | None = None  # the worker's, with the request's cost model
     detok: Detokenizer | None = None  # the answer's text, token by token
     fed: int = 0  # answer tokens in the row's KV cache
     # Each answer token's log-probability under the logits it was picked from (rows that
     # may search: the search's reward reads the prefix's from here).
     logprobs: list[float] = field(default_factory=list)
+    pending: _Pending | None = None  # a check running beside the decode
 
     def __post_init__(self) -> None:
         request = self.request
@@ -203,6 +210,17 @@ class _Job:
             deadline=request.deadline,
             job=self,
         )
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A row's check on the check thread: the answer's first `end` tokens as `text`, whose cost
+    is item `index` of the future's list."""
+
+    future: Future[list[float | None]]
+    index: int
+    end: int
+    text: str
 
 
 @dataclass
@@ -218,6 +236,7 @@ class WorkerStats:
     timed_out: int = 0
     failed: int = 0
     searches: int = 0
+    checks_beside: int = 0  # rows' checks that ran on the check thread
 
 
 class LocalWorker:
@@ -235,6 +254,7 @@ class LocalWorker:
         scorers: Scorers | None = None,
         join: bool = True,
         torch_threads: int | None = None,
+        checks_beside: bool = True,
         start: bool = True,
     ) -> None:
         """`torch_threads` sets the model thread's intra-op threads: on a shared CPU, fewer
@@ -242,7 +262,11 @@ class LocalWorker:
         slower steps on a busy 2-core machine with 2 threads than with 1).
 
         `scorers`: the cost model (and the reward model and critic the search ranks by);
-        without them requests with a budget are refused at submission."""
+        without them requests with a budget are refused at submission.
+
+        `checks_beside`: a mid-answer check by a cost model that does not run the target
+        model (the MiniLM probe, a classifier) runs on a thread of its own while the row keeps
+        decoding; its chunk is released when it passes (False: the decode waits for it)."""
         self.scheduler = Scheduler(
             max_batch=max_batch,
             max_queue=max_queue,
@@ -271,6 +295,11 @@ class LocalWorker:
         self._vectors: dict[SteeringSetting, dict[int, torch.Tensor]] = {}
         self._probe_ids: dict[str, int] = {}
         self._latent = state_reader(scorers.cost) if scorers else None
+        self._checks = (
+            ThreadPoolExecutor(1, thread_name_prefix="guardrail-checks")
+            if scorers is not None and checks_beside
+            else None
+        )
         self._thread = threading.Thread(target=self._run, name="guardrail-worker", daemon=True)
         _LIVE_WORKERS.add(self)
         if start:
@@ -339,6 +368,13 @@ class LocalWorker:
     # --- the model thread: ask the scheduler, run its plan, report back ------------------------
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        finally:
+            if self._checks is not None:
+                self._checks.shutdown(wait=False, cancel_futures=True)
+
+    def _serve(self) -> None:
         if self.torch_threads:
             torch.set_num_threads(self.torch_threads)
         while True:
@@ -518,22 +554,30 @@ class LocalWorker:
                 strict=True,
             )
         )
+        for row, job in enumerate(jobs):  # checks that ran beside the last steps
+            if job.pending is not None and job.pending.future.done():
+                self._settle(job, state, row)
         due: list[tuple[_Job, bool, int]] = []  # rows whose pending text is checked now
         for row, (job, token) in enumerate(zip(jobs, picked.tolist(), strict=True)):
-            if job.entry.phase != "running":  # it left (cancelled, past its deadline)
+            if job.entry.phase != "running":  # it left (cancelled, past its deadline, search)
                 continue
             # (the token after the limit, or after the end of turn, is unused)
-            if self.scheduler.ends_now(job.entry, token in self._eos):
-                due.append((job, True, row))
-                continue
-            job.tokens.append(int(token))
-            if row in logprobs:
-                job.logprobs.append(logprobs[row])
-            assert job.detok is not None
-            stopped = job.detok.add(int(token))
-            verdict = self.scheduler.after_token(job.entry, stopped=stopped)
-            if verdict != "keep":  # a check covers up to the newest token, which waits
-                due.append((job, verdict == "final", row))
+            final = self.scheduler.ends_now(job.entry, token in self._eos)
+            if not final:
+                job.tokens.append(int(token))
+                if row in logprobs:
+                    job.logprobs.append(logprobs[row])
+                assert job.detok is not None
+                stopped = job.detok.add(int(token))
+                verdict = self.scheduler.after_token(job.entry, stopped=stopped)
+                if verdict == "keep":
+                    continue
+                final = verdict == "final"  # a check covers up to the newest token, which waits
+            if job.pending is not None:  # the previous check comes first
+                self._settle(job, state, row)
+                if job.entry.phase != "running":
+                    continue
+            due.append((job, final, row))
         self._release(due, state)
         self.stats.steps += 1
         keep = self.scheduler.kept(entries)
@@ -556,9 +600,9 @@ class LocalWorker:
         if reader is not None and out.recorded is not None:
             mean = reader.read == "mean"
             for job, row_state in zip(jobs, out.recorded, strict=True):
-                if mean and job.state is not None:
-                    row_state = job.state + row_state  # the sum over the answer's tokens
-                job.state, job.state_tokens = row_state, len(job.tokens)
+                if mean and job.states:
+                    row_state = job.states[-1][1] + row_state  # the sum over the answer's tokens
+                job.states.append((len(job.tokens), row_state))
 
     def _steering(self, jobs: list[_Job]) -> Steering | None:
         """Each row's own steering vectors (its tenant's setting); None if none is steered."""
@@ -597,18 +641,43 @@ class LocalWorker:
     def _release(self, due: list[tuple[_Job, bool, int]], state: Prefilled | None = None) -> None:
         """Check each row's answer so far against its budget (one cost call for all) and
         release what passes; `final` rows also finish. A row over budget goes to search
-        (from its own KV cache, a row of `state`), or ends with the refusal text."""
+        (from its own KV cache, a row of `state`), or ends with the refusal text.
+
+        A decoding row's mid-answer check by a cost model that does not run the target model
+        goes to the check thread instead (`_beside`), and the row keeps decoding while it
+        runs: `_settle` applies its outcome a step or more later. Nothing is released before
+        its check passes, and a row over budget searches from its last released prefix."""
         ends = [len(job.tokens) if final else len(job.tokens) - 1 for job, final, _ in due]
         read = [
             self._text(job, n, final=final) for (job, final, _), n in zip(due, ends, strict=True)
         ]
         texts = [text for text, _ in read]
         states = [
-            job.state
-            if exact and n == job.state_tokens and not job.coefficient and self._reads_states(job)
-            else None
+            self._recorded(job, n) if exact else None
             for (job, _, _), (_, exact), n in zip(due, read, ends, strict=True)
         ]
+        if state is not None and self._checks is not None:
+            beside = [
+                i
+                for i, ((job, final, _), row_state) in enumerate(zip(due, states, strict=True))
+                if not final and row_state is None and self._beside(job)
+            ]
+            if beside:
+                future = self._checks.submit(
+                    self._costs, [due[i][0] for i in beside], [texts[i] for i in beside]
+                )
+                for index, i in enumerate(beside):
+                    job = due[i][0]
+                    job.pending = _Pending(future, index, ends[i], texts[i])
+                    self.scheduler.check_sent(job.entry, ends[i])
+                self.stats.checks_beside += len(beside)
+                now = [i for i in range(len(due)) if i not in set(beside)]
+                due, ends, texts, states = (
+                    [due[i] for i in now],
+                    [ends[i] for i in now],
+                    [texts[i] for i in now],
+                    [states[i] for i in now],
+                )
         # A final answer is returned stripped: when that changes it, both are checked.
         extra = [
             i
@@ -616,10 +685,11 @@ class LocalWorker:
             if final and text.strip() != text
         ]
         jobs = [job for job, _, _ in due]
+        stripped = [(jobs[i], texts[i].strip()) for i in extra]
         costs = self._costs(
-            jobs + [jobs[i] for i in extra],
-            texts + [texts[i].strip() for i in extra],
-            states + [None] * len(extra),
+            jobs + [job for job, _ in stripped],
+            texts + [text for _, text in stripped],
+            states + [self._recorded_text(job, text) for job, text in stripped],
         )
         for n, i in enumerate(extra):
             first, second = costs[i], costs[len(due) + n]
@@ -627,25 +697,52 @@ class LocalWorker:
         for (job, final, row), text, cost, end in zip(
             due, texts, costs[: len(due)], ends, strict=True
         ):
-            assert job.decision is not None
-            budget = job.request.budget
-            if budget is not None and (cost is None or cost > budget):
-                searchable = self.scorers is not None and self._scorers(job).reward is not None
-                can = cost is not None and job.request.search and searchable and not job.searched
-                if can and state is not None:
-                    self._start_search(job, state, row)
-                else:
-                    self._refuse(job, "cost_error" if cost is None else "over_budget")
-                continue
-            chunk = text[len(job.released_text) :]
-            job.released_tokens, job.released_text = end, text
-            self.scheduler.checked(job.entry, end)
-            job.decision.cost = cost
-            if chunk:
-                self._emit(job, chunk)
-            if final:
-                job.decision.new_tokens = len(job.tokens)
-                self._finish(job, job.released_text.strip(), refusal=False)
+            self._checked(job, final, text, end, cost, state, row)
+
+    def _checked(
+        self,
+        job: _Job,
+        final: bool,
+        text: str,
+        end: int,
+        cost: float | None,
+        state: Prefilled | None,
+        row: int,
+    ) -> None:
+        """A check's outcome: release the text (its first `end` tokens) within budget, or
+        continue the row in search, or end it with the refusal text."""
+        assert job.decision is not None
+        budget = job.request.budget
+        if budget is not None and (cost is None or cost > budget):
+            searchable = self.scorers is not None and self._scorers(job).reward is not None
+            can = cost is not None and job.request.search and searchable and not job.searched
+            if can and state is not None:
+                self._start_search(job, state, row)
+            else:
+                self._refuse(job, "cost_error" if cost is None else "over_budget")
+            return
+        chunk = text[len(job.released_text) :]
+        job.released_tokens, job.released_text = end, text
+        self.scheduler.checked(job.entry, end)
+        job.decision.cost = cost
+        if chunk:
+            self._emit(job, chunk)
+        if final:
+            job.decision.new_tokens = len(job.tokens)
+            self._finish(job, job.released_text.strip(), refusal=False)
+
+    def _settle(self, job: _Job, state: Prefilled, row: int) -> None:
+        """Apply the outcome of the row's check on the check thread (waiting for it if it is
+        still running); a check that failed to run fails closed."""
+        pending = job.pending
+        assert pending is not None
+        job.pending = None
+        try:
+            cost = pending.future.result()[pending.index]
+        except Exception:
+            log.exception("a check on the check thread failed; its row fails closed")
+            cost = None
+        self._checked(job, False, pending.text, pending.end, cost, state, row)
 
     def _costs(
         self,
@@ -663,8 +760,6 @@ class LocalWorker:
             return out
         if self._latent is not None and states is not None:
             read = {i: state for i in rows if (state := states[i]) is not None}
-            if read and self._latent.read == "mean":
-                read = {i: state / jobs[i].state_tokens for i, state in read.items()}
             if read:
                 try:
                     values = self._latent.cost_of_states(torch.stack(list(read.values())))
@@ -694,6 +789,29 @@ class LocalWorker:
     def _scorers(self, job: _Job) -> Scorers:
         assert self.scorers is not None
         return job.scorers or self.scorers
+
+    def _beside(self, job: _Job) -> bool:
+        """Whether the row's checks can run on the check thread: it has a budget, and its cost
+        model does not run the target model (which only the model thread may)."""
+        return job.request.budget is not None and state_reader(self._scorers(job).cost) is None
+
+    def _recorded(self, job: _Job, n: int) -> torch.Tensor | None:
+        """The latent cost model's read of the answer's first `n` tokens, if a recent decode
+        step recorded it (a plain row whose checks read states); `mean`: already averaged."""
+        if job.coefficient or not self._reads_states(job):
+            return None
+        assert self._latent is not None
+        for count, state in job.states:
+            if count == n:
+                return state / n if self._latent.read == "mean" else state
+        return None
+
+    def _recorded_text(self, job: _Job, text: str) -> torch.Tensor | None:
+        """`_recorded` for the recent token count whose whole text is `text`, if any."""
+        for count, _ in job.states:
+            if self._text(job, count, final=True) == (text, True):
+                return self._recorded(job, count)
+        return None
 
     def _reads_states(self, job: _Job) -> bool:
         """Whether the row's checks can read the decode states: it has a budget, and its cost
@@ -734,7 +852,7 @@ class LocalWorker:
         scorers = self._scorers(job)
         job.decision.path = "search"
         job.searched = True
-        job.state, job.state_tokens = None, -1  # the search's answer is scored by text
+        job.states.clear()  # the search's answer is scored by text
         self.stats.searches += 1
         settings = job.request.search
         if settings.score == "critic" and scorers.critic is None:
