@@ -5,7 +5,9 @@ Every variant goes through `Guard` and one shared `LocalWorker` per cost model, 
 request does: gate at prefill, stream cost checks every 16 tokens, search when a chunk would
 go over budget (every check scored: no score cache across repeats). Variants: unguarded (no
 gate, no cost checks), guarded with the latent cost model (checks read states the decode step
-computed), guarded with the MiniLM probe (checks embed the answer so far). Benign prompts
+computed), guarded with the MiniLM probe (checks embed the answer so far; mid-answer checks
+run on the worker's check thread while the rows keep decoding, and, as a variant, inline:
+the decode waits for each check, `LocalWorker(checks_beside=False)`). Benign prompts
 (Alpaca test prompts the gate leaves alone) should cost what unguarded ones do (target ratio
 <= 1.02); harmful prompts show the cost of the path they take: refused at the gate under the
 shipped `auto`, or steered under `on_fire: steer`.

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import threading
 import time
 import weakref
@@ -254,7 +255,7 @@ class LocalWorker:
         scorers: Scorers | None = None,
         join: bool = True,
         torch_threads: int | None = None,
-        checks_beside: bool = True,
+        checks_beside: bool | None = None,
         start: bool = True,
     ) -> None:
         """`torch_threads` sets the model thread's intra-op threads: on a shared CPU, fewer
@@ -266,7 +267,10 @@ class LocalWorker:
 
         `checks_beside`: a mid-answer check by a cost model that does not run the target
         model (the MiniLM probe, a classifier) runs on a thread of its own while the row keeps
-        decoding; its chunk is released when it passes (False: the decode waits for it)."""
+        decoding; its chunk is released when it passes (False: the decode waits for it).
+        None: on when that thread has a core the decode does not use (the model is on an
+        accelerator, or `torch_threads` leaves a CPU core free); measured on 2 cores with the
+        model on both, it gains nothing (`bench/bench_overhead.py`)."""
         self.scheduler = Scheduler(
             max_batch=max_batch,
             max_queue=max_queue,
@@ -295,6 +299,9 @@ class LocalWorker:
         self._vectors: dict[SteeringSetting, dict[int, torch.Tensor]] = {}
         self._probe_ids: dict[str, int] = {}
         self._latent = state_reader(scorers.cost) if scorers else None
+        if checks_beside is None:
+            spare = torch_threads is not None and torch_threads < (os.cpu_count() or 1)
+            checks_beside = lm.device.type != "cpu" or spare
         self._checks = (
             ThreadPoolExecutor(1, thread_name_prefix="guardrail-checks")
             if scorers is not None and checks_beside
