@@ -664,27 +664,9 @@ class LocalWorker:
             for (job, _, _), (_, exact), n in zip(due, read, ends, strict=True)
         ]
         if state is not None and self._checks is not None:
-            beside = [
-                i
-                for i, ((job, final, _), row_state) in enumerate(zip(due, states, strict=True))
-                if not final and row_state is None and self._beside(job)
-            ]
-            if beside:
-                future = self._checks.submit(
-                    self._costs, [due[i][0] for i in beside], [texts[i] for i in beside]
-                )
-                for index, i in enumerate(beside):
-                    job = due[i][0]
-                    job.pending = _Pending(future, index, ends[i], texts[i])
-                    self.scheduler.check_sent(job.entry, ends[i])
-                self.stats.checks_beside += len(beside)
-                now = [i for i in range(len(due)) if i not in set(beside)]
-                due, ends, texts, states = (
-                    [due[i] for i in now],
-                    [ends[i] for i in now],
-                    [texts[i] for i in now],
-                    [states[i] for i in now],
-                )
+            now = self._send_beside(due, ends, texts, states)
+            due, ends = [due[i] for i in now], [ends[i] for i in now]
+            texts, states = [texts[i] for i in now], [states[i] for i in now]
         # A final answer is returned stripped: when that changes it, both are checked.
         extra = [
             i
@@ -705,6 +687,31 @@ class LocalWorker:
             due, texts, costs[: len(due)], ends, strict=True
         ):
             self._checked(job, final, text, end, cost, state, row)
+
+    def _send_beside(
+        self,
+        due: list[tuple[_Job, bool, int]],
+        ends: list[int],
+        texts: list[str],
+        states: list[torch.Tensor | None],
+    ) -> list[int]:
+        """Send the mid-answer checks the check thread can run to it, in one cost call; the
+        indices of `due` left to check now."""
+        assert self._checks is not None
+        beside = [
+            i
+            for i, ((job, final, _), row_state) in enumerate(zip(due, states, strict=True))
+            if not final and row_state is None and self._beside(job)
+        ]
+        if not beside:
+            return list(range(len(due)))
+        jobs = [due[i][0] for i in beside]
+        future = self._checks.submit(self._costs, jobs, [texts[i] for i in beside])
+        for index, (job, i) in enumerate(zip(jobs, beside, strict=True)):
+            job.pending = _Pending(future, index, ends[i], texts[i])
+            self.scheduler.check_sent(job.entry, ends[i])
+        self.stats.checks_beside += len(beside)
+        return [i for i in range(len(due)) if i not in set(beside)]
 
     def _checked(
         self,
