@@ -133,6 +133,42 @@ def test_tenants_share_admission_round_robin() -> None:
     assert [e.job.name for e in s.plan(0.0).admit] == ["b1", "a2"]
 
 
+def test_arrivals_join_a_running_batch_in_groups() -> None:
+    """One prefill per group: an arrival waits for `join_group` others or `join_turns` loop
+    turns; with fewer free slots than a group, it joins at once."""
+    s = Scheduler(max_batch=6, join_group=3, join_turns=2)
+    s.add(entry("first"))
+    s.joined(s.plan(0.0).admit)  # nothing running: admitted at once
+    s.add(entry("a"))
+    assert s.plan(0.0).admit == [] and s.plan(0.0).admit == []
+    joined = s.plan(0.0).admit  # waited its turns
+    assert [e.job.name for e in joined] == ["a"]
+    s.joined(joined)
+    s.add(entry("b"))
+    s.add(entry("c"))
+    assert s.plan(0.0).admit == []
+    s.add(entry("d"))
+    joined = s.plan(0.0).admit
+    assert [e.job.name for e in joined] == ["b", "c", "d"]
+    s.joined(joined)
+    s.add(entry("e"))
+    assert [e.job.name for e in s.plan(0.0).admit] == ["e"]  # the one slot left
+    # By default a group is a quarter of the rows running: light load joins at once.
+    light = Scheduler(max_batch=16)
+    light.add(entry("one"))
+    light.joined(light.plan(0.0).admit)
+    light.add(entry("two"))
+    assert [e.job.name for e in light.plan(0.0).admit] == ["two"]
+    busy = Scheduler(max_batch=16)
+    for i in range(8):
+        busy.add(entry(f"r{i}"))
+    busy.joined(busy.plan(0.0).admit)
+    busy.add(entry("late"))
+    assert busy.plan(0.0).admit == []  # 8 running: groups of 2
+    busy.add(entry("later"))
+    assert [e.job.name for e in busy.plan(0.0).admit] == ["late", "later"]
+
+
 def test_a_search_never_stalls_the_other_rows() -> None:
     """While one row runs its search passes, the plain rows step in every loop turn."""
     s = Scheduler(max_batch=4, chunk_tokens=4)

@@ -7,8 +7,9 @@ fake executor (tests/test_scheduler.py). `LocalWorker` is the loop around it:
 1. `plan(now)`: rows that leave (cancelled, past their deadline: waiting, decoding or
    searching alike), and the waiting requests to admit, up to the free batch slots. Waiting
    requests are taken round-robin across tenants (FIFO within one), so one tenant's burst
-   never starves another's request; with `join` they join the batch already decoding, and
-   while nothing runs the first arrival waits up to `max_wait` for a batch to fill.
+   never starves another's request; with `join` they join the batch already decoding (in
+   groups of a quarter of its rows, or after `join_turns` turns: one prefill per group),
+   and while nothing runs the first arrival waits up to `max_wait` for a batch to fill.
 2. `joined(rows)`: admitted rows that decode (the others were answered at admission).
 3. per decoding row and its new token: `ends_now` / `after_token` say whether the row
    keeps decoding, is due for a cost check of its next chunk, or is final; `check_sent`
@@ -79,11 +80,20 @@ class Scheduler:
         chunk_tokens: int = 16,
         max_wait: float = 0.0,
         join: bool = True,
+        join_group: int | None = None,
+        join_turns: int = 4,
     ) -> None:
+        """`join_group`, `join_turns`: arrivals join a running batch in groups of at least
+        `join_group` (None: a quarter of the rows running, so under light load at once;
+        fewer when fewer slots are free), or once they have waited `join_turns` loop turns:
+        one prefill for a group costs less than one per arrival."""
         if max_batch < 1 or max_queue < 1 or chunk_tokens < 1:
             raise ValueError("max_batch, max_queue and chunk_tokens must be >= 1")
         self.max_batch, self.max_queue, self.chunk_tokens = max_batch, max_queue, chunk_tokens
         self.max_wait, self.join = max_wait, join
+        self.join_group = join_group
+        self.join_turns = join_turns
+        self._held = 0  # loop turns arrivals have been held back from joining
         self._waiting: dict[str, deque[Entry]] = {}
         self._turn: list[str] = []  # tenants with waiting requests, next to serve first
         self._queued = 0
@@ -145,7 +155,7 @@ class Scheduler:
         room = self.max_batch - len(self.running) if (self.join or not self.running) else 0
         if room <= 0 or not self._queued:
             if not self._queued:
-                self._fill_since = None
+                self._fill_since, self._held = None, 0
             return plan
         if self.idle and self._queued < room and self.max_wait > 0:
             if self._fill_since is None:
@@ -155,6 +165,12 @@ class Scheduler:
                 plan.wait = left
                 return plan
         self._fill_since = None
+        group = max(1, len(self.running) // 4) if self.join_group is None else self.join_group
+        if self.running and self._queued < min(room, group):
+            self._held += 1
+            if self._held <= self.join_turns:
+                return plan
+        self._held = 0
         while room and self._turn:  # round-robin over tenants, FIFO within each
             tenant = self._turn.pop(0)
             queue = self._waiting[tenant]

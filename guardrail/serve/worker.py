@@ -24,10 +24,10 @@ every device and dtype decision), and reports the outcome back:
    1/4/16/64 concurrent clients, 0.76/1.43/3.67/3.64 req/s with joining against
    0.71/1.24/3.46/3.34 without (2026-11-28), and lower mean latency, so joining stays on;
    without it a new request waits for the longest row in flight. After the scheduler
-   rewrite two runs (2026-12-06) had joining ahead at 4 clients and 7-10% behind at 16 and
-   64 (4.00/3.96 against 4.31/4.22 req/s, 1 thread): arrivals are prefilled in small groups,
-   which costs more than the fuller decode batches save (34% more prefill time, 13% fewer
-   decode steps). Admitting arrivals in groups is the next thing to try.
+   rewrite (2026-12-06) joining each arrival at once fell 7-10% behind at 16 and 64 clients
+   (arrivals prefilled one or two at a time: 34% more prefill time for 13% fewer decode
+   steps); arrivals now join in groups of a quarter of the rows running (at once under light
+   load), which brings it to 3% behind there and 18% ahead at 4 clients (`Scheduler`).
 
 4. check: before a chunk is released, the cost model scores the answer so far (every row due
    in this step in one call); a chunk that would take a row over its budget is never
