@@ -53,25 +53,22 @@ class Embedder:
             f"{source}:{self.dim}:{self.model.config.num_hidden_layers}".encode()
         ).hexdigest()[:12]
 
-    def embed(self, texts: Sequence[str]) -> torch.Tensor:
-        with self._lock:
-            return self._embed(texts)
-
     @torch.inference_mode()
-    def _embed(self, texts: Sequence[str]) -> torch.Tensor:
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
         out = []
-        for start in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(
-                list(texts[start : start + self.batch_size]),
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-                return_tensors="pt",
-            )
-            hidden = self.model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-            out.append(torch.nn.functional.normalize(pooled, dim=-1))
+        with self._lock:
+            for start in range(0, len(texts), self.batch_size):
+                batch = self.tokenizer(
+                    list(texts[start : start + self.batch_size]),
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                )
+                hidden = self.model(**batch).last_hidden_state
+                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+                out.append(torch.nn.functional.normalize(pooled, dim=-1))
         if not out:
             return torch.zeros(0, self.dim)
         return torch.cat(out).float()

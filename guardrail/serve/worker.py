@@ -713,7 +713,8 @@ class LocalWorker:
             job.pending = _Pending(future, index, ends[i], texts[i])
             self.scheduler.check_sent(job.entry, ends[i])
         self.stats.checks_beside += len(beside)
-        return [i for i in range(len(due)) if i not in set(beside)]
+        sent = set(beside)
+        return [i for i in range(len(due)) if i not in sent]
 
     def _checked(
         self,
