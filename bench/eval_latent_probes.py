@@ -25,7 +25,7 @@ from common import table
 from guardrail.budget.latent import answer_states
 from guardrail.calibrate import labelled
 from guardrail.probes import auroc, fit_probe
-from guardrail.runtime.model import EMBEDDED_DEFAULT, load_model
+from guardrail.runtime.model import EMBEDDED_DEFAULT, LanguageModel, load_model
 
 LAYERS = [4, 8, 12, 16, 20, 24, 28]
 SHIPPED = [4, 8, 12, 16]  # the layers calibration chooses among
@@ -47,9 +47,9 @@ def items_of(name: str, split: str, n: int) -> list[labelled.Labelled]:
     return [i for i in items if i.pair in keep]
 
 
-def read(lm: object, items: list[labelled.Labelled]) -> dict[str, torch.Tensor]:
+def read(lm: LanguageModel, items: list[labelled.Labelled]) -> dict[str, torch.Tensor]:
     states = answer_states(
-        lm,  # type: ignore[arg-type]
+        lm,
         [i.prompt for i in items],
         [i.response for i in items],
         LAYERS,
