@@ -45,17 +45,20 @@ def sample(name: str, n: int) -> list[labelled.Labelled]:
     return [i for i in items if i.pair in keep]
 
 
+def pairwise_accuracy(items: list[labelled.Labelled], costs: torch.Tensor) -> float:
+    """HH-RLHF: the share of pairs whose rejected answer costs more than the chosen one."""
+    by_pair: dict[int | None, dict[bool, float]] = {}
+    for item, c in zip(items, costs.tolist(), strict=True):
+        by_pair.setdefault(item.pair, {})[item.unsafe] = c
+    pairs = [p for p in by_pair.values() if len(p) == 2]
+    wins = sum(p[True] > p[False] for p in pairs) + 0.5 * sum(p[True] == p[False] for p in pairs)
+    return wins / len(pairs)
+
+
 def separation(items: list[labelled.Labelled], costs: torch.Tensor) -> str:
     unsafe = torch.tensor([i.unsafe for i in items])
     if items[0].set == "hh_rlhf":
-        by_pair: dict[int | None, dict[bool, float]] = {}
-        for item, c in zip(items, costs.tolist(), strict=True):
-            by_pair.setdefault(item.pair, {})[item.unsafe] = c
-        pairs = [p for p in by_pair.values() if len(p) == 2]
-        wins = sum(p[True] > p[False] for p in pairs) + 0.5 * sum(
-            p[True] == p[False] for p in pairs
-        )
-        return f"{wins / len(pairs):.3f} (pairs)"
+        return f"{pairwise_accuracy(items, costs):.3f} (pairs)"
     if unsafe.all() or not unsafe.any():
         return "-"
     return f"{auroc(costs[unsafe], costs[~unsafe]):.3f}"

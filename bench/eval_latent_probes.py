@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import argparse
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
-from eval_cost import sample
+from eval_cost import pairwise_accuracy, sample
 from torch import nn
 
 from common import table
@@ -31,7 +32,20 @@ LAYERS = [4, 8, 12, 16, 20, 24, 28]
 SHIPPED = [4, 8, 12, 16]  # the layers calibration chooses among
 TRAIN = ("gptfuzz", "diasafety", "moderation", "coconot_pref")
 SCORED = ("gptfuzz", "diasafety", "moderation", "hh_rlhf")
-Data = dict[str, dict[str, torch.Tensor]]
+Probe = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Part:
+    """One split of one set: its answers and their states at `LAYERS`, per read."""
+
+    items: list[labelled.Labelled]
+    last: torch.Tensor
+    mean: torch.Tensor
+
+    @property
+    def unsafe(self) -> torch.Tensor:
+        return torch.tensor([i.unsafe for i in self.items])
 
 
 def items_of(name: str, split: str, n: int) -> list[labelled.Labelled]:
@@ -47,7 +61,7 @@ def items_of(name: str, split: str, n: int) -> list[labelled.Labelled]:
     return [i for i in items if i.pair in keep]
 
 
-def read(lm: LanguageModel, items: list[labelled.Labelled]) -> dict[str, torch.Tensor]:
+def read(lm: LanguageModel, items: list[labelled.Labelled]) -> Part:
     states = answer_states(
         lm,
         [i.prompt for i in items],
@@ -56,29 +70,19 @@ def read(lm: LanguageModel, items: list[labelled.Labelled]) -> dict[str, torch.T
         reads=("last", "mean"),
         max_answer_tokens=96,
     )
-    return {
-        "last": states["last"][:, 0],
-        "mean": states["mean"][:, 0],
-        "unsafe": torch.tensor([i.unsafe for i in items]),
-        "pair": torch.tensor([-1 if i.pair is None else i.pair for i in items]),
-    }
+    return Part(items, states["last"][:, 0], states["mean"][:, 0])
 
 
-def features(part: dict[str, torch.Tensor], how: str, layers: Sequence[int]) -> torch.Tensor:
+def features(part: Part, how: str, layers: Sequence[int]) -> torch.Tensor:
     idx = [LAYERS.index(layer) for layer in layers]
-    reads = ("mean", "last") if how == "both" else (how,)
-    return torch.cat([part[r][:, idx].flatten(1) for r in reads], 1)
+    reads = (part.mean, part.last) if how == "both" else (getattr(part, how),)
+    return torch.cat([r[:, idx].flatten(1) for r in reads], 1)
 
 
-def separation(part: dict[str, torch.Tensor], logits: torch.Tensor, name: str) -> float:
-    unsafe = part["unsafe"]
-    if name != "hh_rlhf":
-        return auroc(logits[unsafe], logits[~unsafe])
-    by_pair: dict[int, dict[bool, float]] = {}
-    for pair, u, value in zip(part["pair"].tolist(), unsafe.tolist(), logits.tolist(), strict=True):
-        by_pair.setdefault(pair, {})[u] = value
-    both = [p for p in by_pair.values() if len(p) == 2]
-    return sum(p[True] > p[False] for p in both) / len(both)
+def separation(part: Part, logits: torch.Tensor) -> float:
+    if part.items[0].set == "hh_rlhf":
+        return pairwise_accuracy(part.items, logits)
+    return auroc(logits[part.unsafe], logits[~part.unsafe])
 
 
 def mlp(x: torch.Tensor, y: torch.Tensor, hidden: int = 256, epochs: int = 20) -> nn.Module:
@@ -116,7 +120,7 @@ def mlp(x: torch.Tensor, y: torch.Tensor, hidden: int = 256, epochs: int = 20) -
     return Standardised()
 
 
-def linear(weight: torch.Tensor, bias: float) -> object:
+def linear(weight: torch.Tensor, bias: float) -> Probe:
     return lambda v: v @ weight + bias
 
 
@@ -127,7 +131,7 @@ def main() -> None:
     args = parser.parse_args()
     sizes = sorted(int(n) for n in args.fit_per_set.split(","))
     lm = load_model(EMBEDDED_DEFAULT)
-    data: Data = {}
+    data: dict[str, Part] = {}
     for name in labelled.SETS:
         data[f"fit/{name}"] = read(lm, items_of(name, "fit", sizes[-1]))
         data[f"select/{name}"] = read(lm, items_of(name, "select", args.select_per_set))
@@ -136,14 +140,14 @@ def main() -> None:
 
     rows = []
 
-    def score(label: str, how: str, layers: Sequence[int], apply: object) -> None:
+    def score(label: str, how: str, layers: Sequence[int], apply: Probe) -> None:
         found = {}
         for split in ("select", "test"):
             for name in SCORED:
                 part = data[f"{split}/{name}"]
                 with torch.no_grad():
-                    logits = apply(features(part, how, layers))  # type: ignore[operator]
-                found[f"{split}/{name}"] = separation(part, logits, name)
+                    logits = apply(features(part, how, layers))
+                found[f"{split}/{name}"] = separation(part, logits)
         mean = sum(found[f"select/{n}"] for n in SCORED) / len(SCORED)
         rows.append([label, round(mean, 3), *(round(v, 3) for v in found.values())])
         print(table(headers, rows[-1:]).splitlines()[-1], flush=True)
@@ -153,7 +157,7 @@ def main() -> None:
     ) -> tuple[torch.Tensor, ...]:
         names = TRAIN + (("hh_rlhf",) if hh else ())
         x = torch.cat([features(data[f"fit/{s}"], how, layers)[:n] for s in names])
-        y = torch.cat([data[f"fit/{s}"]["unsafe"][:n] for s in names])
+        y = torch.cat([data[f"fit/{s}"].unsafe[:n] for s in names])
         return x, y
 
     headers = ["probe", "select mean"] + [f"{s}/{n}" for s in ("select", "test") for n in SCORED]
