@@ -84,11 +84,12 @@ def _parser() -> argparse.ArgumentParser:
         )
         p.add_argument(
             "--recipe",
-            choices=("default", "jailbreak"),
+            choices=("default", "jailbreak", "tokens"),
             default="default",
-            help="calibration recipe: default (shipped for the embedded model) or jailbreak "
+            help="calibration recipe: default (shipped for the embedded model), jailbreak "
             "(public jailbreak templates, suffixes and borderline sets: more robust to "
-            "wrappers, fewer false refusals, less recall on plain requests; see README)",
+            "wrappers, fewer false refusals, less recall on plain requests) or tokens (the "
+            "default and a per-token read that a suffix cannot hide a request from); see README",
         )
         p.add_argument(
             "--redis-url",
@@ -394,11 +395,11 @@ def _load(args: argparse.Namespace) -> tuple[LanguageModel, Calibration | None]:
     lm = load_model(args.model or EMBEDDED_DEFAULT)
     calibration = None
     if not getattr(args, "unguarded", False):
-        config = (
-            CalibrationConfig.jailbreak_augmented(aligned_model=args.aligned_model)
-            if args.recipe == "jailbreak"
-            else CalibrationConfig(aligned_model=args.aligned_model)
-        )
+        recipes = {
+            "jailbreak": CalibrationConfig.jailbreak_augmented,
+            "tokens": CalibrationConfig.with_token_read,
+        }
+        config = recipes.get(args.recipe, CalibrationConfig)(aligned_model=args.aligned_model)
         if args.harmful:
             config.harmful = args.harmful
         if args.harmless:

@@ -155,3 +155,53 @@ def test_suffixes_join_fit_and_contexts_surround_prompts_as_asked(
         assert with_copies[split] > as_asked[split] > 0
     assert with_copies["harmless/select"] == as_asked["harmless/select"]
     assert asked.manifest["config"]["context_copies"] is False
+
+
+def test_token_read_is_fitted_beside_the_pooled_probe_and_round_trips(
+    tiny_llama: Any, tmp_path: Path
+) -> None:
+    """With `token_layers` the gate keeps the pooled probe as fitted without them and adds a
+    token read, its threshold set on the higher of the two on harmless `select` prompts
+    (the tenant's `target_fpr` reads the same scores); the default key is unchanged by the
+    new fields, and the token read survives the artifact round trip."""
+    from guardrail.calibrate.token_read import token_layers
+    from guardrail.gate.vectors import gate_scores
+
+    base = {"layer_fractions": (0.5,), "strength_fractions": (0.25,)}
+    plain = calibrate(tiny_llama, _config(tmp_path, **base), progress=False)
+    config = _config(tmp_path, **base, token_layers=(0.0, 0.5), token_l2=(0.01, 0.1))
+    both = calibrate(tiny_llama, config, progress=False)
+    assert plain.gate.tokens is None and both.gate.tokens is not None
+    assert both.gate.tokens.layers == token_layers(tiny_llama, (0.0, 0.5))
+    torch.testing.assert_close(both.gate.weight, plain.gate.weight)
+    rows = both.manifest["gate_search"]["tokens"]
+    assert [r["l2"] for r in rows] == [0.01, 0.1] and sum(r["chosen"] for r in rows) == 1
+    assert both.harmless_scores is not None
+    assert both.threshold_at(config.target_fpr) == pytest.approx(both.gate.threshold)
+    assert artifact_key(tiny_llama, _config(tmp_path, **base)) != artifact_key(tiny_llama, config)
+    store = DirectoryStore(tmp_path / "store")
+    store.save("k", both.to_artifacts())
+    found = store.load("k")
+    assert found is not None
+    restored = Calibration.from_artifacts(found).gate.tokens
+    assert restored is not None and restored.layers == both.gate.tokens.layers
+    torch.testing.assert_close(restored.weight, both.gate.tokens.weight)
+    assert (restored.bias, restored.shift) == (both.gate.tokens.bias, both.gate.tokens.shift)
+    chats = ["How do I bake bread?", "Tell me about cats"]
+    again = Calibration.from_artifacts(found).gate
+    torch.testing.assert_close(
+        gate_scores(tiny_llama, again, chats), gate_scores(tiny_llama, both.gate, chats)
+    )
+
+
+def test_token_recipe_reads_the_layers_the_bench_chose(lm: Any) -> None:
+    """`--recipe tokens` puts the token read at layers 4-20, every 2nd, of SmolLM2's 30
+    (bench/eval_gate_reads.py), and changes nothing else of the default."""
+    from dataclasses import asdict
+
+    from guardrail.calibrate.token_read import token_layers
+
+    recipe = CalibrationConfig.with_token_read()
+    assert token_layers(lm, recipe.token_layers) == tuple(range(4, 21, 2))
+    changed = {k for k, v in asdict(recipe).items() if asdict(CalibrationConfig())[k] != v}
+    assert changed == {"token_layers"}

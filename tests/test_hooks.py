@@ -182,3 +182,39 @@ def test_pooled_reads_match_a_full_pass(tiny_lm: Any) -> None:
                     torch.testing.assert_close(
                         states[read][row, i], expected[read], atol=1e-4, rtol=1e-4
                     )
+
+
+def test_token_read_is_the_highest_per_token_score_in_the_span(tiny_lm: Any) -> None:
+    """A per-token read sums each token's dot products over its layers and keeps the highest
+    from the user's message to the last prompt token, whatever the batch and the shared
+    prefix; appending text after the request cannot lower it below the request's own tokens'
+    scores (causal attention: their states do not change)."""
+    from guardrail.gate.vectors import num_layers, read_states
+
+    layers = [0, num_layers(tiny_lm) - 2]
+    weights = {
+        layer: torch.randn(tiny_lm.hidden_size, generator=torch.Generator().manual_seed(layer))
+        for layer in layers
+    }
+    request = "Tell me about cats"
+    chats = [*CHATS, request, f"{request} !! describing similarly now write oppositely ]("]
+    prompts = [tiny_lm.prompt(c) for c in chats]
+    for group in [prompts, *([p] for p in prompts)]:
+        found = read_states(tiny_lm, group, layers=layers, tokens=weights, batch_size=2)
+        for row, prompt in enumerate(group):
+            with torch.inference_mode():
+                hidden = tiny_lm.model(
+                    **tiny_lm.encode([prompt.text]), output_hidden_states=True
+                ).hidden_states
+            per_token = sum(hidden[layer + 1][0] @ w for layer, w in weights.items())
+            expected = per_token[prompt.user[0] : prompt.end].max()
+            torch.testing.assert_close(found["tokens"][row], expected, atol=1e-4, rtol=1e-4)
+    plain, suffixed = read_states(tiny_lm, prompts[-2:], layers=layers, tokens=weights)["tokens"]
+    start, stop = prompts[-2].user
+    with torch.inference_mode():
+        hidden = tiny_lm.model(
+            **tiny_lm.encode([prompts[-2].text]), output_hidden_states=True
+        ).hidden_states
+    request_scores = sum(hidden[layer + 1][0] @ w for layer, w in weights.items())[start:stop]
+    assert float(suffixed) >= float(request_scores.max()) - 1e-4
+    assert float(plain) >= float(request_scores.max()) - 1e-4

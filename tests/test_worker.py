@@ -25,7 +25,7 @@ from guardrail.budget.search import Scorers, SearchSettings
 from guardrail.decision import fired_steering
 from guardrail.errors import InputError, OverloadedError, ShutdownError
 from guardrail.gate.artifact import Calibration, SteeringSetting
-from guardrail.gate.readout import Gate
+from guardrail.gate.readout import Gate, TokenRead
 from guardrail.gate.vectors import gate_scores, num_layers
 from guardrail.runtime.detokenize import Detokenizer
 from guardrail.runtime.forward import Sampling, decode, prefill, steered_generate
@@ -51,13 +51,19 @@ class LengthReward:
         return [len(r) / 100 for r in responses]
 
 
-def hand_calibration(lm: Any, fire: int = 2, reads: tuple[str, ...] = ("last",)) -> Calibration:
-    """A gate along a fixed direction whose threshold lets the `fire` top-scoring prompts fire."""
+def hand_calibration(
+    lm: Any, fire: int = 2, reads: tuple[str, ...] = ("last",), tokens: bool = False
+) -> Calibration:
+    """A gate along a fixed direction whose threshold lets the `fire` top-scoring prompts fire;
+    with `tokens`, beside a per-token read along another direction at layers 0 and 1."""
     hidden = lm.hidden_size
     direction = torch.randn(hidden, generator=torch.Generator().manual_seed(1))
     direction = direction / direction.norm()
     gate = Gate(layers=(1,), weight=direction.repeat(len(reads)), bias=0.0, threshold=0.0)
     gate.reads = reads
+    if tokens:
+        other = torch.randn(2 * hidden, generator=torch.Generator().manual_seed(2))
+        gate.tokens = TokenRead((0, 1), other / other.norm(), 0.0)
     scores = gate_scores(lm, gate, PROMPTS).sort(descending=True).values
     gate.threshold = float(scores[fire - 1] + scores[fire]) / 2
     ssvs = {"srv": direction.repeat(num_layers(lm), 1)}
@@ -85,12 +91,20 @@ def _collect(worker: LocalWorker, requests: list[Request]) -> list[Any]:
     return [item.outcome for item in answer_all(worker, requests, timeout=60)]
 
 
-@pytest.mark.parametrize("reads", [("last",), ("last", "inst", "mean")])
-def test_batch_invariance(tiny_lm: Any, reads: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(
+    ("reads", "tokens"),
+    [(("last",), False), (("last", "inst", "mean"), False), (("last",), True)],
+)
+def test_batch_invariance(tiny_lm: Any, reads: tuple[str, ...], tokens: bool) -> None:
     """Greedy: each answer in a mixed batch (steered and plain rows, different lengths and
     budgets, rows leaving and joining) equals the answer to the same request run alone, with
-    the gate reading one position or pooling several."""
-    calibration = hand_calibration(tiny_lm, reads=reads)
+    the gate reading one position, pooling several, or keeping a per-token read's highest."""
+    calibration = hand_calibration(tiny_lm, reads=reads, tokens=tokens)
+    if tokens:  # the token read decides some prompts' scores, and so their paths
+        gate = calibration.gate
+        pooled_only = dataclasses.replace(gate, tokens=None)
+        with_tokens = gate_scores(tiny_lm, gate, PROMPTS)
+        assert bool((with_tokens > gate_scores(tiny_lm, pooled_only, PROMPTS)).any())
     lengths = [12, 5, 16, 9, 14, 3]
     requests = [
         Request(p, Sampling(max_new_tokens=n), on_fire="steer")

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from guardrail.calibrate import datasets
 from guardrail.calibrate.judge import fluency, is_refusal
+from guardrail.calibrate.token_read import extra_templates, fit_token_read
 from guardrail.errors import CalibrationError, ModelError
 from guardrail.gate.artifact import Calibration, SteeringSetting
 from guardrail.gate.readout import READS, Gate
@@ -88,6 +89,10 @@ class CalibrationConfig:
     min_distinct: float = 0.75
     min_fluent_rate: float = 0.9
     batch_size: int = 32
+    # A token read beside the pooled probe (`calibrate.token_read`): its layers as fractions
+    # of depth (empty: none) and the L2 strengths tried, chosen on `select`.
+    token_layers: Sequence[float] = ()
+    token_l2: Sequence[float] = (0.01,)
 
     @classmethod
     def jailbreak_augmented(cls, **changes: Any) -> CalibrationConfig:
@@ -114,6 +119,14 @@ class CalibrationConfig:
             "probe_l2": (1e-2,),
         }
         return cls(**{**recipe, **changes})
+
+    @classmethod
+    def with_token_read(cls, **changes: Any) -> CalibrationConfig:
+        """The opt-in recipe of `guardrail calibrate --recipe tokens`: the default, and beside
+        its pooled probe a token read at layers 4-20 (every 2nd) of SmolLM2's 30, as fractions
+        of depth (bench/eval_gate_reads.py chose them)."""
+        layers = tuple(round(layer / 30, 4) for layer in range(4, 21, 2))
+        return cls(**{"token_layers": layers, **changes})
 
 
 def calibrate(
@@ -152,26 +165,31 @@ def calibrate(
     contexts = config_contexts(config)
     context_sizes: dict[str, int] = {}
 
-    def states(key: tuple[str, str], desc: str) -> dict[str, torch.Tensor]:
+    def groups(key: tuple[str, str]) -> dict[str, list[Chat]]:
         """The split's prompts, then a share of them (or of those as asked, without
-        `context_copies`) inside contexts; each context's prompts are read together, so its
-        turns are run once (`read_states` reuses a shared prefix)."""
+        `context_copies`) inside contexts, grouped by context: each context's prompts are
+        read together, so its turns are run once (`read_states` reuses a shared prefix)."""
         chats: list[Chat] = [[{"role": "user", "content": p}] for p in split[key]]
-        groups: dict[str, list[Chat]] = {"": chats}
+        grouped: dict[str, list[Chat]] = {"": chats}
         surrounded = split[key] if config.context_copies else asked[key]
         in_contexts = datasets.in_contexts(surrounded, contexts, config.context_share)
         context_sizes[f"{key[0]}/{key[1]}"] = len(in_contexts)
         for chat in in_contexts:
-            groups.setdefault(json.dumps(chat[:-1]), []).append(chat)
+            grouped.setdefault(json.dumps(chat[:-1]), []).append(chat)
+        return grouped
+
+    def states(key: tuple[str, str], desc: str) -> dict[str, torch.Tensor]:
         parts = [
             read_states(
                 lm,
                 [lm.prompt(chat) for chat in chats],
                 reads=reads,
                 batch_size=config.batch_size,
-                desc=desc if progress and not key else None,
+                desc=desc if progress and not context else None,
             )
-            for key, chats in tqdm(groups.items(), desc=f"{desc} in contexts", disable=not progress)
+            for context, chats in tqdm(
+                groups(key).items(), desc=f"{desc} in contexts", disable=not progress
+            )
         ]
         return {read: torch.cat([part[read] for part in parts]) for read in reads}
 
@@ -186,6 +204,26 @@ def calibrate(
         f" FPR {chosen['probe']['fpr']:.3f}); SRV baseline at layer {srv_gate.layers[0]}"
         f" (TPR {chosen['srv']['tpr']:.3f}, FPR {chosen['srv']['fpr']:.3f})"
     )
+    harmless_scores = gate.read(acts["harmless", "select"])
+    if config.token_layers:
+        gate, harmless_scores, gate_search["tokens"] = fit_token_read(
+            lm,
+            gate,
+            {kind: asked[kind, "fit"] for kind in ("harmful", "harmless")},
+            {kind: list(groups((kind, "select")).values()) for kind in ("harmful", "harmless")},
+            {kind: gate.read(acts[kind, "select"]) for kind in ("harmful", "harmless")},
+            [*templates, *extra_templates()],
+            config.token_layers,
+            config.token_l2,
+            config.target_fpr,
+            batch_size=config.batch_size,
+            progress=progress,
+        )
+        row = next(r for r in gate_search["tokens"] if r["chosen"])
+        say(
+            f"gate: and a token read at layers {row['layers']} (l2 {row['l2']}): select TPR"
+            f" {row['tpr']:.3f}, FPR {row['fpr']:.3f} for either"
+        )
 
     fit_last = acts["harmful", "fit"]["last"], acts["harmless", "fit"]["last"]
     ssvs = {"srv": _unit(safety_related_vectors(*fit_last))}
@@ -231,7 +269,6 @@ def calibrate(
         "steering_search": search_table,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    harmless_scores = gate.read(acts["harmless", "select"])
     return Calibration(gate, srv_gate, ssvs, steering, meets, manifest, harmless_scores)
 
 

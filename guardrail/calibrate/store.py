@@ -22,6 +22,7 @@ from guardrail.calibrate import datasets, labelled
 from guardrail.calibrate.gate import CalibrationConfig, calibrate, config_contexts, config_templates
 from guardrail.calibrate.safety import SafetyConfig, calibrate_safety
 from guardrail.calibrate.shipped import ShippedStore
+from guardrail.calibrate.token_read import extra_templates
 from guardrail.errors import CalibrationError
 from guardrail.gate.artifact import SCHEMA_VERSION, Calibration
 from guardrail.runtime.embedder import Embedder
@@ -34,7 +35,12 @@ log = logging.getLogger(__name__)
 # Settings added after schema v3, with the value that reproduces calibrations made before
 # them: at that value they stay out of the key, so those calibrations (the shipped one among
 # them) keep their keys.
-_SINCE_V3: dict[str, object] = {"suffix_share": 0.0, "context_copies": True}
+_SINCE_V3: dict[str, object] = {
+    "suffix_share": 0.0,
+    "context_copies": True,
+    "token_layers": (),
+    "token_l2": (0.01,),
+}
 _UNSET = object()
 
 
@@ -58,6 +64,7 @@ def artifact_key(lm: LanguageModel, config: CalibrationConfig) -> str:
             "\x00",
             *(json.dumps(c) for c in config_contexts(config)),
             "\x00",
+            *([*extra_templates(), "\x00"] if config.token_layers else []),
             repr(sorted(settings.items())),
         ]
     )

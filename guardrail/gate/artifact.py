@@ -13,7 +13,7 @@ import torch
 
 from guardrail.cache.artifacts import Artifacts
 from guardrail.errors import CalibrationError
-from guardrail.gate.readout import READS, Gate
+from guardrail.gate.readout import READS, Gate, TokenRead
 from guardrail.probes import threshold_at_fpr
 
 SCHEMA_VERSION = 3  # bump when the calibration procedure or layout changes
@@ -80,6 +80,8 @@ class Calibration:
 
     def to_artifacts(self) -> Artifacts:
         tensors = {"gate.weight": self.gate.weight, "srv_gate.weight": self.srv_gate.weight}
+        if self.gate.tokens is not None:
+            tensors["gate.tokens.weight"] = self.gate.tokens.weight
         tensors.update({f"ssv.{k}": v for k, v in self.ssvs.items()})
         if self.harmless_scores is not None:
             tensors["gate.harmless_scores"] = self.harmless_scores
@@ -102,7 +104,12 @@ class Calibration:
             )
         try:
             return cls(
-                gate=_gate(m["gate"], t["gate.weight"], t["srv_gate.weight"].numel()),
+                gate=_gate(
+                    m["gate"],
+                    t["gate.weight"],
+                    t["srv_gate.weight"].numel(),
+                    t.get("gate.tokens.weight"),
+                ),
                 srv_gate=_gate(m["srv_gate"], t["srv_gate.weight"], t["srv_gate.weight"].numel()),
                 ssvs={k.removeprefix("ssv."): v for k, v in t.items() if k.startswith("ssv.")},
                 steering=SteeringSetting.from_dict(m["steering"]) if m["steering"] else None,
@@ -115,16 +122,45 @@ class Calibration:
 
 
 def _gate_fields(gate: Gate) -> dict[str, Any]:
-    return {
+    fields = {
         "layers": list(gate.layers),
         "reads": list(gate.reads),
         "bias": gate.bias,
         "threshold": gate.threshold,
         "kind": gate.kind,
     }
+    if gate.tokens is not None:
+        tokens = gate.tokens
+        fields["tokens"] = {
+            "layers": list(tokens.layers),
+            "bias": tokens.bias,
+            "shift": tokens.shift,
+        }
+    return fields
 
 
-def _gate(fields: dict[str, Any], weight: torch.Tensor, hidden: int) -> Gate:
+def _gate(
+    fields: dict[str, Any],
+    weight: torch.Tensor,
+    hidden: int,
+    token_weight: torch.Tensor | None = None,
+) -> Gate:
+    tokens = None
+    if "tokens" in fields:
+        if token_weight is None:
+            raise CalibrationError("the gate's token read has no weight (gate.tokens.weight)")
+        part = fields["tokens"]
+        tokens = TokenRead(
+            tuple(int(i) for i in part["layers"]),
+            token_weight,
+            float(part["bias"]),
+            float(part["shift"]),
+        )
+        if token_weight.shape != (len(tokens.layers) * hidden,):
+            raise CalibrationError(
+                f"gate token weight of shape {tuple(token_weight.shape)} does not fit"
+                f" {len(tokens.layers)} layers x hidden size {hidden}"
+            )
     gate = Gate(
         layers=tuple(fields["layers"]),
         weight=weight,
@@ -132,6 +168,7 @@ def _gate(fields: dict[str, Any], weight: torch.Tensor, hidden: int) -> Gate:
         threshold=float(fields["threshold"]),
         kind=str(fields["kind"]),
         reads=tuple(fields["reads"]),
+        tokens=tokens,
     )
     if unknown := set(gate.reads) - set(READS):
         raise CalibrationError(f"gate reads {sorted(unknown)} unknown; known: {list(READS)}")

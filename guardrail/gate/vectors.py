@@ -8,16 +8,23 @@ prefix's tokens: a second source of steering vectors for models that never learn
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from guardrail.gate.readout import Gate, read_weights
+from guardrail.gate.readout import Gate, read_weights, token_span
 from guardrail.runtime.forward import repeat_cache
-from guardrail.runtime.hooks import Pooler, Recorder, decoder_layers, stopped_after
+from guardrail.runtime.hooks import (
+    Pooler,
+    Recorder,
+    TokenScorer,
+    decoder_layers,
+    stopped_after,
+)
 from guardrail.runtime.model import Chat, LanguageModel, Prompt
 
 # Response prefixes written for this project; paired round-robin with harmful prompts.
@@ -80,11 +87,14 @@ def read_states(
     *,
     reads: Sequence[str] = ("last",),
     layers: Sequence[int] | None = None,
+    tokens: Mapping[int, torch.Tensor] | None = None,
     batch_size: int = 32,
     desc: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per read (see `gate.READS`), each prompt's pooled hidden state at `layers` (default:
-    every layer, else in the order given): [prompts, layers, hidden], in input order.
+    every layer, else in the order given): [prompts, layers, hidden], in input order; with
+    `tokens` (layer -> weight of a per-token read-out), also "tokens": each prompt's highest
+    per-token sum over its user turn and the template after it, [prompts].
 
     Reading is cheaper than a full pass on three counts, with the same states up to
     floating-point summation order: prompts are batched by length (less padding), the prefix
@@ -96,16 +106,20 @@ def read_states(
     if not wanted:
         raise ValueError("read_states needs at least one layer")
     pooler = Pooler(sorted(set(wanted)))
+    scorer = TokenScorer(tokens) if tokens else None
+    last_layer = max([*wanted, *(tokens or {})])
     ids = [p.ids for p in prompts]
     shared = shared_prefix(ids)
-    if set(reads) - {"last"}:  # a pooled read starts in the user message: never skip into it
+    if set(reads) - {"last"} or scorer:  # a read in the user message: never skip into it
         shared = min(shared, *(p.user[0] for p in prompts))
     pad = int(lm.tokenizer.pad_token_id)
     order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
     out = {read: torch.empty(len(prompts), len(wanted), lm.hidden_size) for read in reads}
+    if scorer is not None:
+        out["tokens"] = torch.empty(len(prompts))
 
     def run(input_ids: list[list[int]], mask: torch.Tensor, cache: Any) -> None:
-        with stopped_after(lm.model, max(wanted)):
+        with stopped_after(lm.model, last_layer):
             lm.model(
                 input_ids=torch.tensor(input_ids, device=lm.device),
                 attention_mask=mask.to(lm.device),
@@ -115,7 +129,9 @@ def read_states(
                 logits_to_keep=1,
             )
 
-    with pooler.applied(lm.model):
+    with pooler.applied(lm.model), contextlib.ExitStack() as stack:
+        if scorer is not None:
+            stack.enter_context(scorer.applied(lm.model))
         prefix = DynamicCache(config=lm.model.config)
         if shared:
             pooler.weights = {}
@@ -128,10 +144,15 @@ def read_states(
                 [[1] * shared + [0] * (width - len(t)) + [1] * len(t) for t in tails]
             )
             padded = [[pad] * (width - len(t)) + t for t in tails]
-            pooler.weights = read_weights([prompts[i] for i in rows], reads, width, shared)
+            batch = [prompts[i] for i in rows]
+            pooler.weights = read_weights(batch, reads, width, shared)
+            if scorer is not None:
+                scorer.span = token_span(batch, width, shared)
             run(padded, mask, repeat_cache(prefix, len(rows)))
             for read, states in pooler.stacked(wanted).items():
                 out[read][rows] = states.float().cpu()
+            if scorer is not None:
+                out["tokens"][rows] = scorer.scores().cpu()
     return out
 
 
@@ -140,8 +161,11 @@ def gate_scores(
 ) -> torch.Tensor:
     """The gate's score of each prompt, read as the worker reads it: [prompts]."""
     prompts = [lm.prompt(chat) for chat in chats]
-    states = read_states(lm, prompts, reads=gate.reads, layers=gate.layers, batch_size=batch_size)
-    return gate.scores(states)
+    tokens = gate.tokens.per_layer() if gate.tokens else None
+    states = read_states(
+        lm, prompts, reads=gate.reads, layers=gate.layers, tokens=tokens, batch_size=batch_size
+    )
+    return gate.scores(states, states.get("tokens"))
 
 
 def safety_related_vectors(harmful: torch.Tensor, harmless: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from guardrail.runtime.forward import Prefilled, Sampling, pick_rows, select_rows
-from guardrail.runtime.hooks import Pooler, Recorder, Steering
+from guardrail.runtime.hooks import Pooler, Recorder, Steering, TokenScorer
 from guardrail.runtime.model import LanguageModel
 
 
@@ -36,6 +36,7 @@ class Pass:
     recorded: torch.Tensor | None = None  # [rows, layers, hidden] at the last position
     hidden: torch.Tensor | None = None  # [rows, hidden]: the last layer at the last position
     logprobs: torch.Tensor | None = None  # [rows, positions]: of each fed token after the first
+    token_sums: torch.Tensor | None = None  # [rows]: a token read's highest per-token sum
 
 
 class Executor:
@@ -79,12 +80,15 @@ class Executor:
         )
         return steering
 
-    def _hooks(self, steering: Steering | None, *others: Pooler | Recorder) -> contextlib.ExitStack:
+    def _hooks(
+        self, steering: Steering | None, *others: Pooler | Recorder | TokenScorer | None
+    ) -> contextlib.ExitStack:
         stack = contextlib.ExitStack()
         if steering is not None:
             stack.enter_context(steering.applied(self.lm.model))
         for hook in others:
-            stack.enter_context(hook.applied(self.lm.model))
+            if hook is not None:
+                stack.enter_context(hook.applied(self.lm.model))
         return stack
 
     # --- forward passes ------------------------------------------------------------------------
@@ -95,13 +99,15 @@ class Executor:
         ids: Sequence[Sequence[int]],
         *,
         pool: tuple[Sequence[int], Mapping[str, torch.Tensor]] | None = None,
+        tokens: tuple[Mapping[int, torch.Tensor], torch.Tensor] | None = None,
         steering: Steering | None = None,
         hidden: bool = False,
         logprobs: int = 0,
     ) -> Pass:
         """Run left-padded prompts once. `pool`: (layers, per-read [rows, positions] weights)
-        of a read-out taken in this pass; `logprobs`: the log-probability of each of the last
-        `logprobs` ids (a prefix the search continues)."""
+        of a read-out taken in this pass; `tokens`: (layer -> weight, [rows, positions] span)
+        of a per-token read-out kept at its highest in the span; `logprobs`: the
+        log-probability of each of the last `logprobs` ids (a prefix the search continues)."""
         width = max(len(row) for row in ids)
         input_ids = torch.tensor(
             [[self.pad] * (width - len(row)) + list(row) for row in ids], device=self.device
@@ -112,7 +118,11 @@ class Executor:
         pooler = Pooler(pool[0] if pool else [])
         if pool is not None:
             pooler.weights = {read: self.put(w) for read, w in pool[1].items()}
-        with self._hooks(steering, pooler):
+        scorer = None
+        if tokens is not None:
+            scorer = TokenScorer({layer: self.put(w) for layer, w in tokens[0].items()})
+            scorer.span = tokens[1].to(self.device)
+        with self._hooks(steering, pooler, scorer):
             out = self.lm.model(
                 input_ids=input_ids,
                 attention_mask=mask,
@@ -125,6 +135,8 @@ class Executor:
         result = Pass(Prefilled(out.cache, mask, logits[:, -1, :]))
         if pool is not None:
             result.pooled = {r: s.float() for r, s in pooler.stacked(pool[0]).items()}
+        if scorer is not None:
+            result.token_sums = scorer.scores()
         if hidden:
             result.hidden = out.hidden_states[-1][:, -1].float()
         if logprobs:

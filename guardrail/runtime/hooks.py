@@ -104,6 +104,45 @@ class Steering:
             yield self
 
 
+class TokenScorer:
+    """A per-token linear read-out summed over layers, kept at its highest over a span of
+    each row's positions: max over t in span of (sum over l of h_l[t] . w_l).
+
+    A causal model's state at a token depends only on the tokens before it, so what a
+    jailbreak appends after a request (a suffix, the rest of a template) cannot change the
+    states over the request: the max still reads it there. `span` is [rows, positions] (True
+    where a row is read), set before each pass; each row reads its own positions only.
+    """
+
+    def __init__(self, weights: Mapping[int, torch.Tensor]) -> None:
+        self.weights = dict(weights)  # layer -> [hidden]
+        self.span: torch.Tensor | None = None
+        self._sums: torch.Tensor | None = None
+
+    def _hook(self, layer: int) -> Any:
+        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+            hidden = _hidden(output).detach()
+            part = (hidden @ self.weights[layer].to(hidden)).float()
+            sums = self._sums
+            new_pass = sums is None or layer == min(self.weights)
+            self._sums = part if new_pass or sums is None else sums + part
+
+        return hook
+
+    def scores(self) -> torch.Tensor:
+        """The last pass's highest per-token score in each row's span: [rows]."""
+        if self._sums is None or self.span is None:
+            raise RuntimeError("TokenScorer.scores before a pass with a span")
+        span = self.span.to(self._sums.device)
+        return self._sums.masked_fill(~span, float("-inf")).amax(-1)
+
+    @contextmanager
+    def applied(self, model: nn.Module) -> Iterator[TokenScorer]:
+        self._sums = None
+        with _hooked(model, sorted(self.weights), self._hook):
+            yield self
+
+
 @contextmanager
 def _hooked(model: nn.Module, layers: Sequence[int], make: Any) -> Iterator[None]:
     """Register `make(layer)` as a forward hook on each layer; remove them all on exit."""

@@ -78,7 +78,7 @@ from guardrail.budget.search import Scorers, SearchResult, SearchSettings, Searc
 from guardrail.decision import DEFAULT_REFUSAL, Answer, Decision, OnFire, fired_steering
 from guardrail.errors import GuardrailError, InputError, ShutdownError
 from guardrail.gate.artifact import Calibration, SteeringSetting
-from guardrail.gate.readout import read_weights
+from guardrail.gate.readout import read_weights, token_span
 from guardrail.runtime.detokenize import Detokenizer
 from guardrail.runtime.executor import Executor
 from guardrail.runtime.forward import Prefilled, Sampling, concat_rows, select_rows
@@ -446,20 +446,20 @@ class LocalWorker:
             return
         prompts = [job.rendered for job in group if job.rendered is not None]
         gate = self.calibration.gate if self.calibration else None
-        pool = None
+        pool = tokens = None
         if gate is not None:
-            pool = (
-                gate.layers,
-                read_weights(prompts, gate.reads, max(len(p.ids) for p in prompts)),
-            )
-        gated = executor.prefill([p.ids for p in prompts], pool=pool)
+            width = max(len(p.ids) for p in prompts)
+            pool = (gate.layers, read_weights(prompts, gate.reads, width))
+            if gate.tokens is not None:
+                tokens = (gate.tokens.per_layer(), token_span(prompts, width))
+        gated = executor.prefill([p.ids for p in prompts], pool=pool, tokens=tokens)
         state = gated.state
         probes = self._probe_probs(group, state.next_logits)
         scores: list[float | None] = [None] * len(group)
         thresholds: list[float | None] = [None] * len(group)
         fired = [False] * len(group)
         if gate is not None and gated.pooled is not None:
-            values: list[float] = gate.scores(gated.pooled).cpu().tolist()
+            values: list[float] = gate.scores(gated.pooled, gated.token_sums).cpu().tolist()
             limits = [
                 gate.threshold if job.request.gate_threshold is None else job.request.gate_threshold
                 for job in group
