@@ -42,9 +42,9 @@ from tqdm.auto import tqdm
 
 from common import advbench_test, alpaca_test, malicious_instruct, optimised_suffix, setup, table
 from guardrail.calibrate import datasets
+from guardrail.calibrate.token_read import picked_states, request_span
 from guardrail.gate.vectors import gate_scores
 from guardrail.probes import auroc, fit_probe, threshold_at_fpr
-from guardrail.runtime.hooks import Recorder, stopped_after
 from guardrail.runtime.model import LanguageModel
 
 LAYERS = list(range(0, 21, 2))
@@ -55,11 +55,10 @@ SELECT_HARMFUL = ("harmful", "harmful, seen wrappers")
 
 @dataclass
 class Item:
-    """A prompt as sent (plain, wrapped or suffixed) and where its request ends in it."""
+    """A prompt as sent (plain, wrapped or suffixed) and the request inside it."""
 
     text: str
-    request_start: int  # character offsets of the request inside the user message
-    request_end: int
+    request: str
 
 
 @dataclass
@@ -73,63 +72,35 @@ class Read:
 
 
 def plain(prompt: str) -> Item:
-    return Item(prompt, 0, len(prompt))
+    return Item(prompt, prompt)
 
 
 def wrapped(prompt: str, template: str) -> Item:
-    start = template.index("{prompt}")
-    return Item(template.replace("{prompt}", prompt), start, start + len(prompt))
+    return Item(template.replace("{prompt}", prompt), prompt)
 
 
 def suffixed(prompt: str, suffix: str) -> Item:
-    return Item(f"{prompt} {suffix}", 0, len(prompt))
+    return Item(f"{prompt} {suffix}", prompt)
 
 
-@torch.inference_mode()
-def read_all(lm: LanguageModel, items: Sequence[Item], desc: str, batch: int = 16) -> list[Read]:
+def read_all(lm: LanguageModel, items: Sequence[Item], desc: str) -> list[Read]:
     """Every item's states at `LAYERS` over its user turn and the template after it."""
     prompts = [lm.prompt([{"role": "user", "content": i.text}]) for i in items]
-    offsets = [
-        lm.tokenizer(p.text, add_special_tokens=False, return_offsets_mapping=True)[
-            "offset_mapping"
-        ]
-        for p in prompts
-    ]
-    order = sorted(range(len(items)), key=lambda i: len(prompts[i].ids))
-    reads: list[Read | None] = [None] * len(items)
-    pad = int(lm.tokenizer.pad_token_id)
-    recorder = Recorder(LAYERS, all_positions=True)
-    with recorder.applied(lm.model):
-        for start in tqdm(range(0, len(order), batch), desc=desc):
-            rows = order[start : start + batch]
-            width = max(len(prompts[i].ids) for i in rows)
-            ids = [[pad] * (width - len(prompts[i].ids)) + prompts[i].ids for i in rows]
-            mask = torch.tensor(
-                [[0] * (width - len(prompts[i].ids)) + [1] * len(prompts[i].ids) for i in rows]
+    spans = [list(range(p.user[0], p.end)) for p in prompts]
+    reads = []
+    for prompt, item, states in zip(
+        prompts, items, picked_states(lm, prompts, spans, LAYERS, desc=desc), strict=True
+    ):
+        start, stop = request_span(lm, prompt, item.request)
+        first = prompt.user[0]
+        reads.append(
+            Read(
+                states.view(len(states), len(LAYERS), -1).to(torch.float16),
+                prompt.user[1] - 1 - first,
+                (start - first, stop - first),
             )
-            with stopped_after(lm.model, max(LAYERS)):
-                lm.model(
-                    input_ids=torch.tensor(ids, device=lm.device),
-                    attention_mask=mask.to(lm.device),
-                    position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(lm.device),
-                    use_cache=False,
-                    logits_to_keep=1,
-                )
-            states = torch.stack([recorder.states[layer] for layer in LAYERS], dim=2)
-            for row, i in enumerate(rows):
-                p, item = prompts[i], items[i]
-                first = width - len(p.ids) + p.user[0]
-                content_start = p.text.rfind(item.text.strip()) - (
-                    len(item.text) - len(item.text.lstrip())
-                )
-                a, b = content_start + item.request_start, content_start + item.request_end
-                inside = [t for t, (x, y) in enumerate(offsets[i][: p.end]) if x < b and y > a]
-                reads[i] = Read(
-                    states[row, first : width - len(p.ids) + p.end].to(torch.float16).cpu(),
-                    p.user[1] - 1 - p.user[0],
-                    (inside[0] - p.user[0], inside[-1] + 1 - p.user[0]),
-                )
-    return [r for r in reads if r is not None]
+        )
+    return reads
 
 
 def at(

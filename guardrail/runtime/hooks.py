@@ -117,15 +117,15 @@ class TokenScorer:
     def __init__(self, weights: Mapping[int, torch.Tensor]) -> None:
         self.weights = dict(weights)  # layer -> [hidden]
         self.span: torch.Tensor | None = None
+        self._first = min(self.weights)  # a pass starts there
         self._sums: torch.Tensor | None = None
 
     def _hook(self, layer: int) -> Any:
         def hook(_module: nn.Module, _args: Any, output: Any) -> None:
             hidden = _hidden(output).detach()
             part = (hidden @ self.weights[layer].to(hidden)).float()
-            sums = self._sums
-            new_pass = sums is None or layer == min(self.weights)
-            self._sums = part if new_pass or sums is None else sums + part
+            sums = None if layer == self._first else self._sums
+            self._sums = part if sums is None else sums + part
 
         return hook
 
@@ -138,7 +138,6 @@ class TokenScorer:
 
     @contextmanager
     def applied(self, model: nn.Module) -> Iterator[TokenScorer]:
-        self._sums = None
         with _hooked(model, sorted(self.weights), self._hook):
             yield self
 
