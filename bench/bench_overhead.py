@@ -7,7 +7,9 @@ go over budget (every check scored: no score cache across repeats). Variants: un
 gate, no cost checks), guarded with the latent cost model (checks read states the decode step
 computed), guarded with the MiniLM probe (checks embed the answer so far; mid-answer checks
 run on the worker's check thread while the rows keep decoding, and, as a variant, inline:
-the decode waits for each check, `LocalWorker(checks_beside=False)`). Benign prompts
+the decode waits for each check, `LocalWorker(checks_beside=False)`), and with the latent
+cost model but the gate's pooled probe alone (no token read: what the token read's per-token
+dot products in the prefill cost). Benign prompts
 (Alpaca test prompts the gate leaves alone) should cost what unguarded ones do (target ratio
 <= 1.02); harmful prompts show the cost of the path they take: refused at the gate under the
 shipped `auto`, or steered under `on_fire: steer`.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import math
 import statistics
 import time
@@ -78,11 +81,14 @@ def main() -> None:
         "default": TenantPolicy(allow_unguarded=True),
         "steer": TenantPolicy(allow_unguarded=True, on_fire="steer"),
     }
+    pooled = dataclasses.replace(
+        calibration, gate=dataclasses.replace(calibration.gate, tokens=None)
+    )
     guards = {
         name: Guard(
             worker=LocalWorker(
                 lm,
-                calibration,
+                gated_by,
                 max_batch=args.batch,
                 torch_threads=args.threads or None,
                 scorers=safety.scorers(lm, cache=Uncached(), cost=cost),
@@ -90,10 +96,11 @@ def main() -> None:
             ),
             policies=policy,
         )
-        for name, cost, beside in (
-            ("latent", "latent", True),
-            ("minilm", "minilm", True),
-            ("minilm inline", "minilm", False),
+        for name, gated_by, cost, beside in (
+            ("latent", calibration, "latent", True),
+            ("latent pooled", pooled, "latent", True),
+            ("minilm", calibration, "minilm", True),
+            ("minilm inline", calibration, "minilm", False),
         )
     }
     variants = {
@@ -101,6 +108,7 @@ def main() -> None:
         "guarded, latent cost": (guards["latent"], True, "default"),
         "guarded, minilm cost": (guards["minilm"], True, "default"),
         "guarded, minilm cost, checks inline": (guards["minilm inline"], True, "default"),
+        "guarded, latent cost, no token read": (guards["latent pooled"], True, "default"),
         "steered, latent cost": (guards["latent"], True, "steer"),
         "steered, minilm cost": (guards["minilm"], True, "steer"),
     }
@@ -115,7 +123,11 @@ def main() -> None:
         chosen = {  # harmful: the paths they take; benign: where the checks run
             n: v
             for n, v in variants.items()
-            if ("inline" not in n if set_name == "harmful" else v[2] != "steer")
+            if (
+                ("inline" not in n and "token" not in n)
+                if set_name == "harmful"
+                else v[2] != "steer"
+            )
         }
         times: dict[str, list[float]] = {name: [] for name in chosen}
         cpu: dict[str, list[float]] = {name: [] for name in chosen}

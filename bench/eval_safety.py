@@ -124,7 +124,8 @@ def main() -> None:
             rows.append(
                 [
                     f"{'served: ' if served else 'baseline: '}{gate.kind} "
-                    f"{'+'.join(gate.reads)} @ layers {list(gate.layers)}",
+                    f"{'+'.join(gate.reads)} @ layers {list(gate.layers)}"
+                    + (f" or token read @ {list(gate.tokens.layers)}" if gate.tokens else ""),
                     set_name,
                     f"{hits}/{len(prompts)}",
                     "TPR" if set_name in harmful else "FPR",

@@ -84,12 +84,13 @@ def _parser() -> argparse.ArgumentParser:
         )
         p.add_argument(
             "--recipe",
-            choices=("default", "jailbreak", "tokens"),
+            choices=("default", "pooled", "jailbreak"),
             default="default",
-            help="calibration recipe: default (shipped for the embedded model), jailbreak "
-            "(public jailbreak templates, suffixes and borderline sets: more robust to "
-            "wrappers, fewer false refusals, less recall on plain requests) or tokens (the "
-            "default and a per-token read that a suffix cannot hide a request from); see README",
+            help="calibration recipe: default (shipped for the embedded model: a pooled probe "
+            "and a per-token read that a suffix cannot hide a request from), pooled (the "
+            "default without its token read: faster to calibrate, weaker against suffixes) or "
+            "jailbreak (public jailbreak templates, suffixes and borderline sets: fewer false "
+            "refusals, less recall on plain requests); see README",
         )
         p.add_argument(
             "--redis-url",
@@ -397,7 +398,7 @@ def _load(args: argparse.Namespace) -> tuple[LanguageModel, Calibration | None]:
     if not getattr(args, "unguarded", False):
         recipes = {
             "jailbreak": CalibrationConfig.jailbreak_augmented,
-            "tokens": CalibrationConfig.with_token_read,
+            "pooled": CalibrationConfig.pooled_only,
         }
         config = recipes.get(args.recipe, CalibrationConfig)(aligned_model=args.aligned_model)
         if args.harmful:

@@ -31,6 +31,7 @@ def _config(tmp_path: Path, **overrides: Any) -> CalibrationConfig:
         "dev_harmful": 6,
         "dev_benign": 4,
         "dev_max_new_tokens": 6,
+        "token_layers": (),  # the token read has its own test below
         **overrides,
     }
     return CalibrationConfig(**settings)
@@ -194,14 +195,17 @@ def test_token_read_is_fitted_beside_the_pooled_probe_and_round_trips(
     )
 
 
-def test_token_recipe_reads_the_layers_the_bench_chose(lm: Any) -> None:
-    """`--recipe tokens` puts the token read at layers 4-20, every 2nd, of SmolLM2's 30
-    (bench/eval_gate_reads.py), and changes nothing else of the default."""
+def test_default_token_read_sits_at_the_layers_the_bench_chose(lm: Any) -> None:
+    """The default puts the token read at layers 4-20, every 2nd, of SmolLM2's 30
+    (bench/eval_gate_reads.py); `--recipe pooled` drops it and changes nothing else, and the
+    jailbreak recipe runs without it, as measured."""
     from dataclasses import asdict
 
     from guardrail.calibrate.token_read import token_layers
 
-    recipe = CalibrationConfig.with_token_read()
-    assert token_layers(lm, recipe.token_layers) == tuple(range(4, 21, 2))
-    changed = {k for k, v in asdict(recipe).items() if asdict(CalibrationConfig())[k] != v}
-    assert changed == {"token_layers"}
+    default = CalibrationConfig()
+    assert token_layers(lm, default.token_layers) == tuple(range(4, 21, 2))
+    pooled = CalibrationConfig.pooled_only()
+    changed = {k for k, v in asdict(pooled).items() if asdict(default)[k] != v}
+    assert changed == {"token_layers"} and not pooled.token_layers
+    assert not CalibrationConfig.jailbreak_augmented().token_layers

@@ -45,7 +45,8 @@ def test_held_out_jailbreakchat_templates_never_reach_calibration() -> None:
     assert (len(seen), len(held_out)) == (67, 10)
     used = set(config_templates(CalibrationConfig.jailbreak_augmented()))
     assert set(seen) <= used and not used & set(held_out)
-    assert not set(config_templates(CalibrationConfig())) & set(seen)  # opt-in only
+    # the pooled probe sees them in the jailbreak recipe only (the token read: `extra_templates`)
+    assert not set(config_templates(CalibrationConfig())) & set(seen)
     # the mark follows the template's own split: the held-out ones are those in `test`
     assert {datasets.split_of(t) for t in held_out} == {"test"}
     assert "test" not in {datasets.split_of(t) for t in seen}
@@ -74,8 +75,8 @@ def test_jailbreak_recipe_adds_public_sets_to_the_defaults() -> None:
 
 
 def test_new_settings_at_their_old_value_keep_existing_keys(lm: Any) -> None:
-    """Calibrations made before `suffix_share` and `context_copies` existed (the shipped one)
-    keep their keys; changing either makes a new one."""
+    """Calibrations made before `suffix_share` and `context_copies` existed keep their keys;
+    changing either makes a new one, and so does dropping the token read."""
     from guardrail.calibrate.gate import CalibrationConfig
     from guardrail.calibrate.store import artifact_key
 
@@ -83,6 +84,7 @@ def test_new_settings_at_their_old_value_keep_existing_keys(lm: Any) -> None:
     assert key == artifact_key(lm, CalibrationConfig(suffix_share=0.0, context_copies=True))
     assert key != artifact_key(lm, CalibrationConfig(suffix_share=0.15))
     assert key != artifact_key(lm, CalibrationConfig(context_copies=False))
+    assert key != artifact_key(lm, CalibrationConfig.pooled_only())
 
 
 def test_held_out_contexts_never_reach_calibration() -> None:

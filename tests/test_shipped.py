@@ -1,7 +1,7 @@
 """The shipped calibration of the embedded default: found by key, checked by checksum, and
 reproduced by a fresh calibration (same decisions, figures within stated tolerances).
 
-The reproduction test calibrates from scratch (about 25 minutes on two cores): it is the one
+The reproduction test calibrates from scratch (about 35 minutes on two cores): it is the one
 test in the suite that does.
 """
 
@@ -68,6 +68,9 @@ def gate_differences(lm: Any, old: Calibration, new: Calibration) -> list[str]:
     for name in ("kind", "layers", "reads"):
         if getattr(old.gate, name) != getattr(new.gate, name):
             found.append(f"gate {name}: {getattr(old.gate, name)} -> {getattr(new.gate, name)}")
+    layers = [c.gate.tokens.layers if c.gate.tokens else None for c in (old, new)]
+    if layers[0] != layers[1]:
+        found.append(f"gate token read layers: {layers[0]} -> {layers[1]}")
     if (old.steering, old.steering_meets_target) != (new.steering, new.steering_meets_target):
         found.append(f"steering: {old.steering} -> {new.steering}")
     prompts = gate_prompts()

@@ -38,6 +38,9 @@ from guardrail.runtime.model import Chat, LanguageModel, load_model
 log = logging.getLogger(__name__)
 
 
+TOKEN_LAYERS = tuple(round(layer / 30, 4) for layer in range(4, 21, 2))
+
+
 @dataclass
 class CalibrationConfig:
     """Inputs and search space of a calibration run; every field lands in the manifest."""
@@ -90,8 +93,9 @@ class CalibrationConfig:
     min_fluent_rate: float = 0.9
     batch_size: int = 32
     # A token read beside the pooled probe (`calibrate.token_read`): its layers as fractions
-    # of depth (empty: none) and the L2 strengths tried, chosen on `select`.
-    token_layers: Sequence[float] = ()
+    # of depth (empty: none) and the L2 strengths tried, chosen on `select`. Layers 4-20, every
+    # 2nd, of SmolLM2's 30: bench/eval_gate_reads.py chose them.
+    token_layers: Sequence[float] = TOKEN_LAYERS
     token_l2: Sequence[float] = (0.01,)
 
     @classmethod
@@ -117,16 +121,16 @@ class CalibrationConfig:
             "gate_reads": (("last", "inst", "mean"),),
             "probe_windows": ((-8, -4, 0, 4, 8), tuple(range(-8, 9, 2))),
             "probe_l2": (1e-2,),
+            "token_layers": (),  # as measured (README); the token read was not tried with it
         }
         return cls(**{**recipe, **changes})
 
     @classmethod
-    def with_token_read(cls, **changes: Any) -> CalibrationConfig:
-        """The opt-in recipe of `guardrail calibrate --recipe tokens`: the default, and beside
-        its pooled probe a token read at layers 4-20 (every 2nd) of SmolLM2's 30, as fractions
-        of depth (bench/eval_gate_reads.py chose them)."""
-        layers = tuple(round(layer / 30, 4) for layer in range(4, 21, 2))
-        return cls(**{"token_layers": layers, **changes})
+    def pooled_only(cls, **changes: Any) -> CalibrationConfig:
+        """The recipe of `guardrail calibrate --recipe pooled`: the default without its token
+        read (the shipped default until 2026-12-07): a suffix can hide a request from it, but
+        it calibrates faster and its prefill adds no per-token dot products."""
+        return cls(**{"token_layers": (), **changes})
 
 
 def calibrate(

@@ -1,6 +1,6 @@
 """The calibration that ships for the embedded default, so a fresh machine answers at once.
 
-Calibrating SmolLM2-135M-Instruct on the shipped data takes about 25 minutes on two cores,
+Calibrating SmolLM2-135M-Instruct on the shipped data takes about 35 minutes on two cores,
 and every newcomer would compute the same result. Its artifacts (gate probe, SRVs, steering
 vectors, cost models, critic, manifests) ship in `guardrail/shipped/`, one folder per artifact
 key, with `index.json` listing each file's SHA-256. The key carries the model fingerprint, the
