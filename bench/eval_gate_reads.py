@@ -14,17 +14,18 @@ Every probe is fitted on `fit`-split prompts (plain, inside the wrapper template
 may use, and followed by random-token suffixes), thresholded on harmless `select` prompts,
 and reported on prompts calibration never reads: the `test` splits, MaliciousInstruct and
 Alpaca's test split, plain and in the held-out forms (the 4 held-out wrapper families, the
-held-out jailbreakchat templates, an optimised-looking suffix). The shipped gate is the
-first row (its weights as served, its threshold set here like every other's). States are
-read with the hooks the worker's gate uses (decoder layer outputs); the bench checks that
-its `last` read reproduces the shipped gate's scores.
+held-out jailbreakchat templates, an optimised-looking suffix). The shipped gate's pooled
+probe is the first row (its weights as served, its threshold set here like every other's;
+its token read is left out: the bench fits its own). States are read with the hooks the
+worker's gate uses (decoder layer outputs); the bench checks that its pooled reads
+reproduce the shipped probe's scores.
 
 Per-token probes: `request end` is fitted like `inst` (the request's last token against
 benign requests' last tokens); `tokens` is fitted on token-level labels: the request's last
 token is harmful, every token of a benign prompt (wrapped or suffixed alike) and every
 template token before a harmful request is harmless (tokens after a harmful request, where
 its intent is known and read, are left out). Its L2 is chosen on `select`, and "or" rows
-fire when the shipped gate or it would, each at half the target FPR.
+fire when the shipped pooled probe or it would, each at half the target FPR.
 
     python bench/eval_gate_reads.py [--jailbreakchat] [--fit-harmless 600] [--per-form 60]
 """
@@ -35,7 +36,7 @@ import argparse
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -201,8 +202,14 @@ def main() -> None:
     rng, pick, draw = (random.Random(f"{args.seed}-{part}") for part in ("fit", "select", "test"))
     lm, calibration = setup()
     gate = calibration.gate
-    if gate.reads != ("last",) or any(layer not in LAYERS for layer in gate.layers):
-        raise SystemExit(f"the shipped gate reads {gate.reads} at {gate.layers}: extend LAYERS")
+    if any(layer not in LAYERS for layer in gate.layers):
+        raise SystemExit(f"the shipped gate reads layers {gate.layers}: extend LAYERS")
+
+    def shipped(rs: Sequence[Read]) -> torch.Tensor:
+        """The shipped gate's pooled probe on this bench's reads."""
+        features = torch.cat([at(rs, POOLED[r], list(gate.layers)) for r in gate.reads], dim=1)
+        scores: torch.Tensor = features @ gate.weight.float() + gate.bias
+        return scores
 
     harmful_all = datasets.load_many([str(p) for p in datasets.default_harmful()])
     harmless_all = datasets.load_many(
@@ -276,22 +283,15 @@ def main() -> None:
     for name, prompts in benign_sets.items():
         test["benign", name] = read_all(lm, [plain(p) for p in prompts], f"test benign {name}")
 
-    # The shipped gate, as the worker reads it, against this bench's `last` read.
-    sample = benign_sets["alpaca"][:16]
-    served = gate_scores(lm, gate, [[{"role": "user", "content": p}] for p in sample])
-    mine = (
-        at(test["benign", "alpaca"][:16], POOLED["last"], list(gate.layers)) @ gate.weight.float()
-        + gate.bias
-    )
+    # The shipped pooled probe, as the worker reads it, against this bench's pooled reads.
+    sample = [[{"role": "user", "content": p}] for p in benign_sets["alpaca"][:16]]
+    served = gate_scores(lm, replace(gate, tokens=None), sample)
+    mine = shipped(test["benign", "alpaca"][:16])
     if not torch.allclose(served, mine, atol=0.05 * float(served.abs().max())):
-        raise SystemExit(f"this bench's last read differs from the served gate: {served} vs {mine}")
+        raise SystemExit(f"this bench's reads differ from the served gate's: {served} vs {mine}")
 
-    probes = [
-        Probe(
-            "shipped gate (last, L0-16/4)",
-            lambda rs: at(rs, POOLED["last"], list(gate.layers)) @ gate.weight.float() + gate.bias,
-        )
-    ]
+    name = f"shipped pooled probe ({'+'.join(gate.reads)}, L{','.join(map(str, gate.layers))})"
+    probes = [Probe(name, shipped)]
 
     def scored(probe: Probe) -> tuple[torch.Tensor, float]:
         """The probe's scores on harmless `select` prompts and its threshold there."""
@@ -320,7 +320,7 @@ def main() -> None:
         ]
         best = max(fitted, key=select_tpr)  # chosen on `select`, as calibration chooses
         combined = either(
-            f"shipped gate or {best.name.removeprefix('max over ')}",
+            f"shipped pooled probe or {best.name.removeprefix('max over ')}",
             [probes[0], best],
             select["harmless"],
         )
