@@ -37,7 +37,7 @@ from guardrail.runtime.model import LanguageModel
 def parts(
     lm: LanguageModel, gate: Gate, texts: list[str], desc: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pooled probe's and the token read's scores (the latter unshifted) of each prompt."""
+    """The pooled probe's and the token read's scores of each prompt (the gate's is their max)."""
     assert gate.tokens is not None
     states = read_states(
         lm,
@@ -48,7 +48,7 @@ def parts(
         desc=desc,
     )
     pooled = replace(gate, tokens=None).scores(states)
-    return pooled, states["tokens"].float() + gate.tokens.bias
+    return pooled, gate.tokens.scores(states["tokens"])
 
 
 def main() -> None:
@@ -102,14 +102,10 @@ def main() -> None:
     base = parts(lm, gate, select, "select harmless")
     scores = {key: parts(lm, gate, texts, "/".join(key)) for key, texts in sets.items()}
 
-    shift = gate.tokens.shift
     rows = [
         [
             "as shipped",
-            *(
-                float(gate.fires(torch.maximum(p, q + shift)).float().mean())
-                for p, q in scores.values()
-            ),
+            *(float(gate.fires(torch.maximum(p, q)).float().mean()) for p, q in scores.values()),
         ]
     ]
     t = args.target_fpr
