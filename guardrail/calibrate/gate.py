@@ -74,7 +74,9 @@ class CalibrationConfig:
     target_fpr: float = 0.01
     probe_l2: Sequence[float] = (1e-2, 1e-1)
     # Positions each probe reads (see `gate.READS`); every set is tried with every window.
-    gate_reads: Sequence[Sequence[str]] = (("last",), ("last", "inst", "mean"))
+    # The last token alone: with the user's last token and the mean over the message beside
+    # it, `select` chose the last token anyway, and the search took twice as long.
+    gate_reads: Sequence[Sequence[str]] = (("last",),)
     # Layer offsets around a centre layer that one probe reads; every window is tried.
     probe_windows: Sequence[Sequence[int]] = ((-4, 0, 4), (-8, -4, 0, 4, 8))
     aligned_model: str | None = None  # a safety-aligned model of the same hidden size
@@ -128,9 +130,13 @@ class CalibrationConfig:
     @classmethod
     def pooled_only(cls, **changes: Any) -> CalibrationConfig:
         """The recipe of `guardrail calibrate --recipe pooled`: the default without its token
-        read (the shipped default until 2026-12-07): a suffix can hide a request from it, but
-        it calibrates faster and its prefill adds no per-token dot products."""
-        return cls(**{"token_layers": (), **changes})
+        read, as shipped until 2026-12-07 (reads searched as then): a suffix can hide a request
+        from it, but it calibrates faster and its prefill adds no per-token dot products."""
+        recipe: dict[str, Any] = {
+            "token_layers": (),
+            "gate_reads": (("last",), ("last", "inst", "mean")),
+        }
+        return cls(**{**recipe, **changes})
 
 
 def calibrate(
