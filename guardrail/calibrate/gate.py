@@ -75,7 +75,7 @@ class CalibrationConfig:
     probe_l2: Sequence[float] = (1e-2, 1e-1)
     # Positions each probe reads (see `gate.READS`); every set is tried with every window.
     # The last token alone: with the user's last token and the mean over the message beside
-    # it, `select` chose the last token anyway, and the search took twice as long.
+    # it as well, `select` chose the last token anyway, and the gate took 4x as long to fit.
     gate_reads: Sequence[Sequence[str]] = (("last",),)
     # Layer offsets around a centre layer that one probe reads; every window is tried.
     probe_windows: Sequence[Sequence[int]] = ((-4, 0, 4), (-8, -4, 0, 4, 8))
