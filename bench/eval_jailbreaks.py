@@ -12,6 +12,11 @@ forms, and both classes are also sent inside conversation contexts calibration n
 checks, search: what a user is served); answers are judged by the keyword refusal judge.
 
     python bench/eval_jailbreaks.py --per-set 20 [--recipe jailbreak]
+    python bench/eval_jailbreaks.py --per-set 300 --per-form 300 --forms optimised_suffix
+
+The second asks one form of many prompts (every harmful test prompt): `--forms` keeps only the
+forms named ('plain', 'context' or a form of `forms()`), `--per-form` sets how many of each
+set's prompts each form wraps (half of `--per-set` unless given).
 """
 
 from __future__ import annotations
@@ -54,9 +59,13 @@ def forms() -> dict[str, Callable[[str, random.Random], str]]:
     return {**made, "jailbreakchat": template(jailbreakchat), "optimised_suffix": optimised_suffix}
 
 
-def build(per_set: int, seed: int) -> list[dict[str, Any]]:
-    """Rows: id, prompt, label (harmful/benign), set, family ('plain', a form or 'context')."""
+def build(
+    per_set: int, seed: int, per_form: int | None = None, only: set[str] | None = None
+) -> list[dict[str, Any]]:
+    """Rows: id, prompt, label (harmful/benign), set, family ('plain', a form or 'context');
+    `only` keeps the families it names."""
     rng = random.Random(seed)
+    wrapped = max(per_set // 2, 1) if per_form is None else per_form
     contexts = datasets.load_contexts(datasets.contexts(), held_out=True)
     harmful = {"advbench/test": advbench_test(), "malicious_instruct": malicious_instruct()}
     benign = {
@@ -66,14 +75,17 @@ def build(per_set: int, seed: int) -> list[dict[str, Any]]:
     }
     rows: list[dict[str, Any]] = []
     made = forms()
+    unknown = (only or set()) - {"plain", "context", *made}
+    if unknown:
+        raise SystemExit(f"--forms: unknown {sorted(unknown)}; known: plain, context, {list(made)}")
 
     def add(label: str, name: str, prompts: list[str]) -> None:
         chosen = rng.sample(prompts, min(per_set, len(prompts)))
         rows.extend({"label": label, "set": name, "family": "plain", "prompt": p} for p in chosen)
         for family, form in made.items():
-            for p in chosen[: max(per_set // 2, 1)]:
+            for p in chosen[:wrapped]:
                 rows.append({"label": label, "set": name, "family": family, "prompt": form(p, rng)})
-        for p in chosen[: max(per_set // 2, 1)]:
+        for p in chosen[:wrapped]:
             chat = [*rng.choice(contexts), {"role": "user", "content": p}]
             rows.append({"label": label, "set": name, "family": "context", "prompt": chat})
 
@@ -81,12 +93,16 @@ def build(per_set: int, seed: int) -> list[dict[str, Any]]:
         add("harmful", name, prompts)
     for name, prompts in benign.items():
         add("benign", name, prompts)
-    return [{"id": f"r{i}", **row} for i, row in enumerate(rows)]
+    # Filtered after drawing, so a form's rows are the same prompts with or without --forms.
+    kept = [row for row in rows if only is None or row["family"] in only]
+    return [{"id": f"r{i}", **row} for i, row in enumerate(kept)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--per-set", type=int, default=20, help="plain prompts per set")
+    parser.add_argument("--per-form", type=int, help="prompts per set in each form")
+    parser.add_argument("--forms", help="comma-separated families to keep (default: all)")
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -100,7 +116,8 @@ def main() -> None:
     if args.answers:
         report([json.loads(line) for line in args.answers.read_text().splitlines()])
         return
-    rows = build(args.per_set, args.seed)
+    only = set(args.forms.split(",")) if args.forms else None
+    rows = build(args.per_set, args.seed, args.per_form, only)
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.keep or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)

@@ -139,7 +139,7 @@ def test_suffixes_join_fit_and_contexts_surround_prompts_as_asked(
     without `context_copies` only the prompts as asked go in contexts, so fewer rows are read
     in contexts than with the copies (the states read are the split plus those in contexts)."""
     base = {"layer_fractions": (0.5,), "strength_fractions": (0.25,), "context_share": 0.5}
-    plain = calibrate(tiny_llama, _config(tmp_path, **base), progress=False)
+    plain = calibrate(tiny_llama, _config(tmp_path, suffix_share=0.0, **base), progress=False)
     suffixed = calibrate(tiny_llama, _config(tmp_path, suffix_share=0.5, **base), progress=False)
     asked = calibrate(
         tiny_llama,
@@ -197,8 +197,8 @@ def test_token_read_is_fitted_beside_the_pooled_probe_and_round_trips(
 
 def test_default_token_read_sits_at_the_layers_the_bench_chose(lm: Any) -> None:
     """The default puts the token read at layers 4-20, every 2nd, of SmolLM2's 30
-    (bench/eval_gate_reads.py); `--recipe pooled` drops it and searches the reads it was
-    calibrated with, and the jailbreak recipe runs without it, as measured."""
+    (bench/eval_gate_reads.py); `--recipe pooled` drops it and the suffixed copies and searches
+    the reads it was calibrated with, and the jailbreak recipe runs without it, as measured."""
     from dataclasses import asdict
 
     from guardrail.calibrate.token_read import token_layers
@@ -207,5 +207,5 @@ def test_default_token_read_sits_at_the_layers_the_bench_chose(lm: Any) -> None:
     assert token_layers(lm, default.token_layers) == tuple(range(4, 21, 2))
     pooled = CalibrationConfig.pooled_only()
     changed = {k for k, v in asdict(pooled).items() if asdict(default)[k] != v}
-    assert changed == {"token_layers", "gate_reads"} and not pooled.token_layers
+    assert changed == {"token_layers", "gate_reads", "suffix_share"} and not pooled.token_layers
     assert not CalibrationConfig.jailbreak_augmented().token_layers

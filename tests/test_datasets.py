@@ -75,16 +75,18 @@ def test_jailbreak_recipe_adds_public_sets_to_the_defaults() -> None:
 
 
 def test_new_settings_at_their_old_value_keep_existing_keys(lm: Any) -> None:
-    """Calibrations made before `suffix_share` and `context_copies` existed keep their keys;
+    """Calibrations made before `suffix_share` and `context_copies` existed keep their keys
+    (`--recipe pooled` is one: its key is the one it was shipped under until 2026-12-07);
     changing either makes a new one, and so does dropping the token read."""
     from guardrail.calibrate.gate import CalibrationConfig
     from guardrail.calibrate.store import artifact_key
 
-    key = artifact_key(lm, CalibrationConfig())
-    assert key == artifact_key(lm, CalibrationConfig(suffix_share=0.0, context_copies=True))
-    assert key != artifact_key(lm, CalibrationConfig(suffix_share=0.15))
-    assert key != artifact_key(lm, CalibrationConfig(context_copies=False))
-    assert key != artifact_key(lm, CalibrationConfig.pooled_only())
+    assert artifact_key(lm, CalibrationConfig.pooled_only()).endswith("-f39b2fc7ac06494c-v3")
+    key = artifact_key(lm, CalibrationConfig(suffix_share=0.0))
+    assert key.endswith("-c0947182411f551f-v3")  # the default until suffixes were on
+    assert key != artifact_key(lm, CalibrationConfig())
+    assert key != artifact_key(lm, CalibrationConfig(suffix_share=0.0, context_copies=False))
+    assert key != artifact_key(lm, CalibrationConfig(suffix_share=0.0, token_layers=()))
 
 
 def test_held_out_contexts_never_reach_calibration() -> None:

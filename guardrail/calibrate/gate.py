@@ -61,8 +61,9 @@ class CalibrationConfig:
     )
     augment: float = 0.3
     # Share of prompts also seen followed by random tokens (`datasets.with_suffixes`): what
-    # optimised and random-search adversarial suffixes look like to the read-out.
-    suffix_share: float = 0.0
+    # optimised and random-search adversarial suffixes look like to the read-out. 0.15 let
+    # fewer suffixed harmful requests through than none (README, 2026-12-07).
+    suffix_share: float = 0.15
     # Share of `fit` and `select` prompts (both classes) also seen inside a conversation
     # context: a system prompt, a tool list, an output format or earlier turns
     # (`datasets.contexts()`; never the contexts it holds out for evaluation).
@@ -130,9 +131,11 @@ class CalibrationConfig:
     @classmethod
     def pooled_only(cls, **changes: Any) -> CalibrationConfig:
         """The recipe of `guardrail calibrate --recipe pooled`: the default without its token
-        read, as shipped until 2026-12-07 (reads searched as then): a suffix can hide a request
-        from it, but it calibrates faster and its prefill adds no per-token dot products."""
+        read or suffixed copies, as shipped until 2026-12-07 (reads searched as then): a suffix
+        can hide a request from it, but it calibrates faster and its prefill adds no per-token
+        dot products."""
         recipe: dict[str, Any] = {
+            "suffix_share": 0.0,
             "token_layers": (),
             "gate_reads": (("last",), ("last", "inst", "mean")),
         }
