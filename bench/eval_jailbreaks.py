@@ -12,9 +12,9 @@ forms, and both classes are also sent inside conversation contexts calibration n
 checks, search: what a user is served); answers are judged by the keyword refusal judge.
 
     python bench/eval_jailbreaks.py --per-set 20 [--recipe jailbreak]
-    python bench/eval_jailbreaks.py --per-set 300 --per-form 300 --forms optimised_suffix
+    python bench/eval_jailbreaks.py --per-set 100 --per-form 100 --forms optimised_suffix
 
-The second asks one form of many prompts (every harmful test prompt): `--forms` keeps only the
+The second asks one form of many prompts (the README's suffix comparison): `--forms` keeps only the
 forms named ('plain', 'context' or a form of `forms()`), `--per-form` sets how many of each
 set's prompts each form wraps (half of `--per-set` unless given).
 """
