@@ -207,5 +207,6 @@ def test_default_token_read_sits_at_the_layers_the_bench_chose(lm: Any) -> None:
     assert token_layers(lm, default.token_layers) == tuple(range(4, 21, 2))
     pooled = CalibrationConfig.pooled_only()
     changed = {k for k, v in asdict(pooled).items() if asdict(default)[k] != v}
-    assert changed == {"token_layers", "gate_reads", "suffix_share"} and not pooled.token_layers
+    assert changed == {"token_layers", "gate_reads", "suffix_share", "suffix_words"}
+    assert not pooled.token_layers
     assert not CalibrationConfig.jailbreak_augmented().token_layers

@@ -65,6 +65,27 @@ def test_suffixes_are_stable_random_tokens_after_the_request(lm: Any) -> None:
     assert all(8 <= len(tokenizer(t.strip())["input_ids"]) <= 40 for t in tails)  # re-tokenised
 
 
+def test_a_share_of_suffixes_is_words_and_punctuation(lm: Any) -> None:
+    """With `words`, the same prompts get suffixes, the share it names made of whole words and
+    punctuation marks; the others keep the random tokens they had without it."""
+    tokenizer = lm.tokenizer
+    prompts = datasets.load_many(datasets.default_harmless())
+    random_only = datasets.with_suffixes(prompts, tokenizer, 0.15)
+    mixed = datasets.with_suffixes(prompts, tokenizer, 0.15, words=0.5)
+    assert mixed == datasets.with_suffixes(prompts, tokenizer, 0.15, words=0.5)
+    assert len(mixed) == len(random_only)
+    changed = [(a, b) for a, b in zip(random_only, mixed, strict=True) if a != b]
+    assert 0.4 < len(changed) / len(mixed) < 0.6
+    tails = []
+    for before, after in changed:
+        prompt = next(p for p in prompts if before.startswith(p + " "))
+        tails.append(after.removeprefix(prompt + " "))
+        assert tails[-1] != after and tails[-1].isascii()
+        assert len(tokenizer(tails[-1])["input_ids"]) >= 8
+    marked = [t for t in tails if any(not c.isalnum() and not c.isspace() for c in t)]
+    assert len(marked) / len(tails) > 0.8  # about 3 tokens in 10 are punctuation marks
+
+
 def test_jailbreak_recipe_adds_public_sets_to_the_defaults() -> None:
     harmful = datasets.load_many(datasets.jailbreak_harmful())
     harmless = datasets.load_many(datasets.jailbreak_harmless())
@@ -75,18 +96,22 @@ def test_jailbreak_recipe_adds_public_sets_to_the_defaults() -> None:
 
 
 def test_new_settings_at_their_old_value_keep_existing_keys(lm: Any) -> None:
-    """Calibrations made before `suffix_share` and `context_copies` existed keep their keys
-    (`--recipe pooled` is one: its key is the one it was shipped under until 2026-12-07);
-    changing either makes a new one, and so does dropping the token read."""
+    """Calibrations made before `suffix_share`, `suffix_words` and `context_copies` existed
+    keep their keys (`--recipe pooled` is one: its key is the one it was shipped under until
+    2026-12-07); changing any makes a new one, and so does dropping the token read."""
     from guardrail.calibrate.gate import CalibrationConfig
     from guardrail.calibrate.store import artifact_key
 
     assert artifact_key(lm, CalibrationConfig.pooled_only()).endswith("-f39b2fc7ac06494c-v3")
-    key = artifact_key(lm, CalibrationConfig(suffix_share=0.0))
+    random_tokens = CalibrationConfig(suffix_share=0.15, suffix_words=0.0)
+    assert artifact_key(lm, random_tokens).endswith("-c8b47158770cf35a-v3")  # random tokens only
+    key = artifact_key(lm, CalibrationConfig(suffix_share=0.0, suffix_words=0.0))
     assert key.endswith("-c0947182411f551f-v3")  # the default until suffixes were on
     assert key != artifact_key(lm, CalibrationConfig())
-    assert key != artifact_key(lm, CalibrationConfig(suffix_share=0.0, context_copies=False))
-    assert key != artifact_key(lm, CalibrationConfig(suffix_share=0.0, token_layers=()))
+    for change in ({"context_copies": False}, {"token_layers": ()}):
+        assert key != artifact_key(
+            lm, CalibrationConfig(suffix_share=0.0, suffix_words=0.0, **change)
+        )
 
 
 def test_held_out_contexts_never_reach_calibration() -> None:

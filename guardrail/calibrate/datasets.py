@@ -8,10 +8,12 @@ never sees the `test` split that evaluation reports on.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import importlib.resources
 import json
 import random
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -219,19 +221,44 @@ def wrap(prompts: Sequence[str], templates: Sequence[str], fraction: float) -> l
     return wrapped
 
 
-def with_suffixes(prompts: Sequence[str], tokenizer: Any, fraction: float) -> list[str]:
+def with_suffixes(
+    prompts: Sequence[str], tokenizer: Any, fraction: float, words: float = 0.0
+) -> list[str]:
     """A stable, hash-chosen `fraction` of the prompts followed by 12-28 random tokens of the
     model's vocabulary: what optimised (GCG) and random-search adversarial suffixes look like
-    to a read-out that has not seen them. Used on both classes, like `wrap`."""
+    to a read-out that has not seen them. A hash-chosen `words` share of those suffixes is
+    drawn from whole-word and punctuation tokens instead (GCG suffixes read as words and
+    markup more than as word pieces). Used on both classes, like `wrap`."""
     size = len(tokenizer)
     suffixed = []
     for prompt in prompts:
         digest = int(hashlib.sha256(("suffix" + prompt).encode()).hexdigest(), 16)
         if digest % 1000 < fraction * 1000:
             rng = random.Random(digest)
-            ids = [rng.randrange(256, size) for _ in range(rng.randint(12, 28))]
+            length = rng.randint(12, 28)
+            pick = int(hashlib.sha256(("words" + prompt).encode()).hexdigest(), 16)
+            pieces, marks = _word_tokens(tokenizer) if words else ([], [])
+            if pick % 1000 < words * 1000 and pieces and marks:
+                ids = [rng.choice(pieces if rng.random() < 0.7 else marks) for _ in range(length)]
+            else:
+                ids = [rng.randrange(256, size) for _ in range(length)]
             suffixed.append(f"{prompt} {tokenizer.decode(ids).strip()}")
     return suffixed
+
+
+@functools.cache
+def _word_tokens(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The vocabulary's common whole-word tokens (a space and 2-12 ASCII letters, among the
+    first 12,000 merges: the words optimised suffixes are mostly made of) and its punctuation
+    tokens (1-3 ASCII punctuation marks, with or without a space)."""
+    pieces, marks = [], []
+    for token_id in range(256, min(len(tokenizer), 12_256)):
+        text = tokenizer.decode([token_id])
+        if re.fullmatch(r" [A-Za-z]{2,12}", text):
+            pieces.append(token_id)
+        elif re.fullmatch(r" ?[!-/:-@\[-`{-~]{1,3}", text):
+            marks.append(token_id)
+    return pieces, marks
 
 
 def load_prompts(path: str | Path) -> list[str]:

@@ -60,10 +60,13 @@ class CalibrationConfig:
         ]
     )
     augment: float = 0.3
-    # Share of prompts also seen followed by random tokens (`datasets.with_suffixes`): what
-    # optimised and random-search adversarial suffixes look like to the read-out. 0.15 let
-    # fewer suffixed harmful requests through than none (README, 2026-12-07).
-    suffix_share: float = 0.15
+    # Share of prompts also seen followed by an adversarial-looking suffix
+    # (`datasets.with_suffixes`), and the share of those made of whole words and punctuation
+    # rather than random tokens of the vocabulary. 0.15 of random tokens let fewer suffixed
+    # harmful requests through than none; 0.2, half of them words, fewer still (README,
+    # 2026-12-07).
+    suffix_share: float = 0.2
+    suffix_words: float = 0.5
     # Share of `fit` and `select` prompts (both classes) also seen inside a conversation
     # context: a system prompt, a tool list, an output format or earlier turns
     # (`datasets.contexts()`; never the contexts it holds out for evaluation).
@@ -120,6 +123,7 @@ class CalibrationConfig:
                 )
             ],
             "suffix_share": 0.15,
+            "suffix_words": 0.0,
             "context_copies": False,
             "gate_reads": (("last", "inst", "mean"),),
             "probe_windows": ((-8, -4, 0, 4, 8), tuple(range(-8, 9, 2))),
@@ -136,6 +140,7 @@ class CalibrationConfig:
         dot products."""
         recipe: dict[str, Any] = {
             "suffix_share": 0.0,
+            "suffix_words": 0.0,
             "token_layers": (),
             "gate_reads": (("last",), ("last", "inst", "mean")),
         }
@@ -163,7 +168,9 @@ def calibrate(
         if name == "fit" or (kind, name) == ("harmful", "select"):
             prompts.extend(
                 datasets.wrap(prompts, templates, config.augment)
-                + datasets.with_suffixes(prompts, lm.tokenizer, config.suffix_share)
+                + datasets.with_suffixes(
+                    prompts, lm.tokenizer, config.suffix_share, config.suffix_words
+                )
             )
     for key, prompts in split.items():
         if len(prompts) < 4:

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 # them) keep their keys.
 _SINCE_V3: dict[str, object] = {
     "suffix_share": 0.0,
+    "suffix_words": 0.0,
     "context_copies": True,
     "token_layers": (),
     "token_l2": (0.01,),
