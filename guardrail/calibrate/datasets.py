@@ -230,6 +230,7 @@ def with_suffixes(
     drawn from whole-word and punctuation tokens instead (GCG suffixes read as words and
     markup more than as word pieces). Used on both classes, like `wrap`."""
     size = len(tokenizer)
+    pieces, marks = _word_tokens(tokenizer) if words else ([], [])
     suffixed = []
     for prompt in prompts:
         digest = int(hashlib.sha256(("suffix" + prompt).encode()).hexdigest(), 16)
@@ -237,8 +238,7 @@ def with_suffixes(
             rng = random.Random(digest)
             length = rng.randint(12, 28)
             pick = int(hashlib.sha256(("words" + prompt).encode()).hexdigest(), 16)
-            pieces, marks = _word_tokens(tokenizer) if words else ([], [])
-            if pick % 1000 < words * 1000 and pieces and marks:
+            if pieces and marks and pick % 1000 < words * 1000:
                 ids = [rng.choice(pieces if rng.random() < 0.7 else marks) for _ in range(length)]
             else:
                 ids = [rng.randrange(256, size) for _ in range(length)]
